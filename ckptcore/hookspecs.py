@@ -1,0 +1,153 @@
+"""The hooks through which plugins extend ckptcore.
+
+A plugin is a module (or object) with functions named like the hooks below, decorated
+with :data:`ckptcore.hookimpl`, and declared in the ``ckptcore`` entry-point group of its
+distribution::
+
+    [project.entry-points.ckptcore]
+    myplugin = "my_package.ckptcore_plugin"
+
+Registration hooks are called once, when the core first needs them, and return
+registrations (frozen dataclasses from :mod:`ckptcore.registrations`). The core fills in
+the providing distribution, selects among them, and reports conflicts by distribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pluggy
+
+from ckptcore.registrations import (
+    ArrayFormatRegistration,
+    AtomicityRegistration,
+    SaveContext,
+    StepLayoutRegistration,
+    StorageRegistration,
+)
+
+PROJECT = "ckptcore"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def ckptcore_storage_backends() -> Sequence[StorageRegistration]:
+    """Storage: name the URL schemes this plugin serves and how to reach them.
+
+    Called once per process, the first time a path or URL is resolved. Local paths
+    without a scheme resolve through the ``"file"`` scheme.
+
+    :return: registrations whose ``backend.resolve(url, options)`` returns a
+        :class:`~ckptcore.registrations.Location`: an fsspec filesystem (listing, small
+        files, deletes), the path it understands, and a TensorStore kvstore spec for bulk
+        array data. ``options`` are the caller's ``storage_options`` (endpoint, region,
+        credentials...).
+
+    Two distributions registering the same scheme is a conflict, reported when the scheme
+    is used.
+
+    Example::
+
+        @hookimpl
+        def ckptcore_storage_backends():
+            return [StorageRegistration(schemes=("memory",), backend=MemoryBackend())]
+    """
+
+
+@hookspec
+def ckptcore_atomicity_strategies() -> Sequence[AtomicityRegistration]:
+    """Atomicity: how a checkpoint on these schemes becomes visible all at once.
+
+    Called once per process, the first time a checkpoint is saved, restored or listed.
+    The strategy's ``begin`` returns where data is written (a temporary sibling on
+    POSIX, the final place on object stores); ``commit`` makes it durable and visible
+    (rename, or a commit marker written last); ``is_committed`` and ``is_staging`` tell
+    committed checkpoints from leftovers; ``delete`` removes a checkpoint so that an
+    interruption never leaves it looking committed.
+
+    :return: registrations naming the schemes and carrying the strategy object.
+
+    Example::
+
+        @hookimpl
+        def ckptcore_atomicity_strategies():
+            return [AtomicityRegistration(schemes=("memory",), strategy=MarkerCommit(), name="marker")]
+    """
+
+
+@hookspec
+def ckptcore_step_layouts() -> Sequence[StepLayoutRegistration]:
+    """Path naming: how step numbers map to directory names in a manager's root.
+
+    Called once per process, when a :class:`~ckptcore.CheckpointManager` first lists or
+    names steps. The layout named by the manager's options writes new steps; every
+    registered layout is tried when reading, so checkpoints in other layouts (e.g.
+    orbax-checkpoint's bare step numbers) are found too.
+
+    :return: registrations with a unique ``name`` and a layout object offering
+        ``step_name(step, prefix, fixed_length)`` and ``parse_step(name, prefix)``.
+
+    Example::
+
+        @hookimpl
+        def ckptcore_step_layouts():
+            return [StepLayoutRegistration(name="dated", layout=DatedLayout())]
+    """
+
+
+@hookspec
+def ckptcore_array_formats() -> Sequence[ArrayFormatRegistration]:
+    """Array serialization: the formats that write and read batches of array leaves.
+
+    Called once per process, the first time arrays are saved or restored. A save hands
+    each format all its leaves at once (so it can batch and overlap I/O); a restore hands
+    it read requests that carry the target dtype and the regions each process needs, so
+    only those bytes are read.
+
+    :return: registrations with a unique ``name`` (recorded per leaf in the index), the
+        newest on-disk ``version`` the format reads and writes, and the format object.
+
+    Example::
+
+        @hookimpl
+        def ckptcore_array_formats():
+            return [ArrayFormatRegistration(name="npy", format=NpyFormat(), version=1)]
+    """
+
+
+@hookspec(firstresult=True)
+def ckptcore_default_array_format() -> str | None:
+    """Array serialization: the format used when a save names none.
+
+    Called when a save does not pass ``format=``. ``firstresult``: the first plugin to
+    return a name wins, so a plugin should answer only if it means to be the default.
+
+    :return: the name of a registered array format, or ``None`` to abstain.
+
+    Example::
+
+        @hookimpl
+        def ckptcore_default_array_format():
+            return "npy"
+    """
+
+
+@hookspec
+def ckptcore_index_metadata(context: SaveContext) -> Mapping[str, Any] | None:
+    """Metadata: add JSON-able entries to the checkpoint index of the save in progress.
+
+    Called once per save, just before the index is written. Each plugin's answer is
+    stored under its plugin name in the index's ``plugin_metadata`` and shown by
+    ``ckptcore inspect``. Keep it small; never put code or pickles in it.
+
+    :param context: the URL being saved, the array formats used and the user metadata.
+    :return: a JSON-able mapping, or ``None`` to add nothing.
+
+    Example::
+
+        @hookimpl
+        def ckptcore_index_metadata(context):
+            return {"hostname": socket.gethostname()}
+    """

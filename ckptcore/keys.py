@@ -1,0 +1,53 @@
+"""Key paths: how users see a leaf's position, and the storage key it is written under.
+
+Storage keys are built from key paths by an escaping that round-trips any key (``.``,
+``/``, spaces, unicode, ints) and can never name anything outside the checkpoint
+directory: each key becomes one path segment made only of ``[A-Za-z0-9_-]``, ``%XX``
+escapes and a ``~`` marker for integers.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+
+KeyPath = tuple[str | int, ...]
+
+_SAFE = frozenset(string.ascii_letters + string.digits + "_-")
+
+
+def format_key_path(path: Sequence[str | int]) -> str:
+    """A key path as users write it: ``['params']['w'][0]`` (``<root>`` for the root)."""
+    return "".join(f"[{k!r}]" for k in path) or "<root>"
+
+
+def escape_key(key: str | int) -> str:
+    """One key as a safe path segment."""
+    if isinstance(key, int):
+        return f"~{key}"
+    if key == "":
+        return "~e"
+    return "".join(c if c in _SAFE else "".join(f"%{b:02X}" for b in c.encode()) for c in key)
+
+
+def unescape_key(segment: str) -> str | int:
+    """Inverse of :func:`escape_key`."""
+    if segment == "~e":
+        return ""
+    if segment.startswith("~"):
+        return int(segment[1:])
+    raw = bytearray()
+    i = 0
+    while i < len(segment):
+        if segment[i] == "%":
+            raw.append(int(segment[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            raw += segment[i].encode()
+            i += 1
+    return raw.decode()
+
+
+def storage_key(path: Sequence[str | int]) -> str:
+    """The relative storage key of a leaf: its escaped keys joined by ``/``."""
+    return "/".join(escape_key(k) for k in path) or "~root"

@@ -1,0 +1,233 @@
+"""The typed values that plugins hand to the core through the hooks.
+
+A hook returns *registrations*: frozen dataclasses that name what they provide (URL
+schemes, a format name, a layout name) and carry the object that does the work. The core
+collects them, fills in which distribution provided each one, and selects among them.
+
+The protocols below are the contracts those worker objects fulfil. They use only NumPy
+and fsspec types so that a plugin needs nothing else from the core.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import fsspec
+    import numpy as np
+
+Index = tuple[slice, ...]
+"""A rectangular region of an array: one ``slice(start, stop)`` per dimension."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a checkpoint (or a directory of checkpoints) lives, as a storage plugin resolved it.
+
+    ``url`` is what users see; ``path`` is what ``fs`` understands; ``kvstore`` is the
+    TensorStore kvstore spec of the same directory (its ``path`` ends with ``/``).
+    """
+
+    url: str
+    scheme: str
+    fs: fsspec.AbstractFileSystem
+    path: str
+    kvstore: Mapping[str, Any]
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def child(self, name: str) -> Location:
+        """The location of ``name`` inside this directory."""
+        name = name.strip("/")
+        base = str(self.kvstore.get("path", ""))
+        kv = {**self.kvstore, "path": _as_dir(base) + name + "/"}
+        return dataclasses.replace(
+            self, url=f"{self.url.rstrip('/')}/{name}", path=f"{self.path.rstrip('/')}/{name}", kvstore=kv
+        )
+
+    def parent(self) -> Location:
+        """The location of the directory that holds this one."""
+        base = str(self.kvstore.get("path", "")).rstrip("/")
+        kv = {**self.kvstore, "path": base.rpartition("/")[0] + "/" if "/" in base else ""}
+        return dataclasses.replace(
+            self,
+            url=self.url.rstrip("/").rpartition("/")[0] or "/",
+            path=self.path.rstrip("/").rpartition("/")[0] or "/",
+            kvstore=kv,
+        )
+
+    @property
+    def name(self) -> str:
+        """The last component of the path."""
+        return self.path.rstrip("/").rpartition("/")[2]
+
+
+def _as_dir(path: str) -> str:
+    return path if not path or path.endswith("/") else path + "/"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One region of an array and its data, as held by this process."""
+
+    index: Index
+    data: np.ndarray
+
+
+@dataclass(frozen=True)
+class WriteRequest:
+    """Write one array leaf: its global shape and dtype, and the shards this process owns.
+
+    ``key`` is a safe relative storage key (``/``-separated, never ``..``). ``chunk_hint``
+    is the shape of one shard when the array is sharded: formats should chunk no larger.
+    """
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    shards: tuple[Shard, ...]
+    chunk_hint: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ReadRequest:
+    """Read regions of one saved array leaf, cast to ``dtype``.
+
+    ``info`` is what the format returned for this leaf when it was written (stored in
+    the index). ``regions`` are the parts of the array to read; each is returned as a
+    separate C-contiguous NumPy array.
+    """
+
+    key: str
+    shape: tuple[int, ...]
+    saved_dtype: np.dtype
+    dtype: np.dtype
+    info: Mapping[str, Any]
+    regions: tuple[Index, ...]
+
+
+@runtime_checkable
+class StorageBackend(Protocol):
+    """Resolves URLs of its schemes to :class:`Location` objects."""
+
+    def resolve(self, url: str, options: Mapping[str, Any]) -> Location:
+        """Return the location of ``url`` (a filesystem, a path and a kvstore spec)."""
+        ...
+
+
+@runtime_checkable
+class AtomicCommit(Protocol):
+    """Makes a checkpoint directory visible all at once, and recognises leftovers."""
+
+    def begin(self, final: Location) -> Location:
+        """Prepare a save into ``final``; return where the data must be written."""
+        ...
+
+    def commit(self, staging: Location, final: Location, *, replace: bool) -> None:
+        """Make what was written into ``staging`` durable and visible as ``final``."""
+        ...
+
+    def abort(self, staging: Location) -> None:
+        """Remove what a failed save wrote into ``staging``; never touch committed data."""
+        ...
+
+    def is_committed(self, location: Location) -> bool:
+        """Whether ``location`` holds a committed checkpoint."""
+        ...
+
+    def is_staging(self, location: Location) -> bool:
+        """Whether ``location`` is a leftover of a save that never committed."""
+        ...
+
+    def delete(self, location: Location) -> None:
+        """Delete a committed checkpoint so that an interruption never leaves it half-visible."""
+        ...
+
+
+@runtime_checkable
+class StepLayout(Protocol):
+    """Maps step numbers to directory names and back."""
+
+    def step_name(self, step: int, prefix: str | None, fixed_length: int | None) -> str:
+        """The directory name of ``step``."""
+        ...
+
+    def parse_step(self, name: str, prefix: str | None) -> int | None:
+        """The step a directory name stands for, or ``None`` if it is not a step directory."""
+        ...
+
+
+@runtime_checkable
+class ArrayFormat(Protocol):
+    """Writes and reads batches of array leaves inside a checkpoint directory."""
+
+    def write(
+        self, location: Location, requests: Sequence[WriteRequest], options: Mapping[str, Any]
+    ) -> list[dict[str, Any]]:
+        """Write every request; return, per request, JSON-able info needed to read it back."""
+        ...
+
+    def read(
+        self, location: Location, requests: Sequence[ReadRequest], options: Mapping[str, Any]
+    ) -> list[list[np.ndarray]]:
+        """Read every request; return, per request, one array per region."""
+        ...
+
+
+@dataclass(frozen=True)
+class StorageRegistration:
+    """A storage backend for the URL ``schemes`` it lists (``"file"`` for local paths)."""
+
+    schemes: tuple[str, ...]
+    backend: StorageBackend
+    distribution: str = ""
+    version: str = ""
+
+
+@dataclass(frozen=True)
+class AtomicityRegistration:
+    """How checkpoints on the URL ``schemes`` become visible all at once."""
+
+    schemes: tuple[str, ...]
+    strategy: AtomicCommit
+    name: str
+    distribution: str = ""
+    version: str = ""
+
+
+@dataclass(frozen=True)
+class StepLayoutRegistration:
+    """A named way to name step directories (``"ckptcore"``, ``"orbax"``...)."""
+
+    name: str
+    layout: StepLayout
+    distribution: str = ""
+    version: str = ""
+
+
+@dataclass(frozen=True)
+class ArrayFormatRegistration:
+    """A named array format. ``version`` is the newest on-disk version it writes and reads."""
+
+    name: str
+    format: ArrayFormat
+    version: int = 1
+    distribution: str = ""
+    plugin_version: str = ""
+
+
+@dataclass(frozen=True)
+class SaveContext:
+    """What a metadata hook learns about the save in progress."""
+
+    url: str
+    formats: tuple[str, ...]
+    user_metadata: Mapping[str, Any]
+
+
+ProgressCallback = Callable[[int, int], None]
+"""Called with (bytes done, bytes total) as a long save or restore progresses."""
+
+Registration = StorageRegistration | AtomicityRegistration | StepLayoutRegistration | ArrayFormatRegistration

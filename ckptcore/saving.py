@@ -1,0 +1,218 @@
+"""Saving a pytree: snapshot it into a plan, then write the plan atomically.
+
+The two halves are separate so that an asynchronous save can snapshot in the caller's
+thread (``prepare``) and write in the background (``write``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckptcore import arrays, index, storage
+from ckptcore.errors import AlreadyExistsError, CheckpointError, InvalidMetadataError, StorageError, UnsupportedLeafError
+from ckptcore.keys import KeyPath, format_key_path
+from ckptcore.plugins import registry
+from ckptcore.registrations import Location, ProgressCallback, SaveContext
+from ckptcore.tree import Node, encode_scalar, encode_tree
+
+
+@dataclass
+class PreparedSave:
+    """A snapshot of a pytree: its stored tree and the array writes it needs."""
+
+    tree: Node
+    writes: list[arrays.PlannedWrite] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.record["nbytes"] for w in self.writes)
+
+
+def prepare(state: Any, *, copy: bool = False) -> PreparedSave:
+    """Validate ``state`` and snapshot it; raises before anything is written.
+
+    With ``copy=True`` mutable buffers (NumPy arrays) are copied, so the caller may change
+    them as soon as this returns.
+    """
+    writes: list[arrays.PlannedWrite] = []
+
+    def encode_leaf(path: KeyPath, value: Any) -> Node:
+        planned = arrays.plan_write(path, value, copy=copy)
+        if planned is not None:
+            writes.append(planned)
+            return planned.record
+        record = encode_scalar(path, value)
+        if record is None:
+            raise UnsupportedLeafError(
+                f"leaf {format_key_path(path)} has unsupported type {type(value).__module__}.{type(value).__qualname__}; "
+                "supported: NumPy and JAX arrays, NumPy scalars, int, float, bool, complex, str, bytes, None, "
+                "and dict/list/tuple/namedtuple containers"
+            )
+        return record
+
+    tree = encode_tree(state, encode_leaf)
+    return PreparedSave(tree, writes)
+
+
+def check_json(value: Any, what: str) -> Any:
+    """``value`` if it is plain JSON data, else a clear error."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidMetadataError(f"{what} must be plain JSON data (dict, list, str, finite numbers): {exc}") from exc
+    return value
+
+
+def write(
+    prepared: PreparedSave,
+    path: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    format: str | None = None,
+    format_options: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    progress: ProgressCallback | None = None,
+) -> Location:
+    """Write a prepared save to ``path`` and commit it atomically; return its location."""
+    user_metadata = check_json(dict(metadata or {}), "checkpoint metadata")
+    location = storage.resolve(path, storage_options)
+    strategy = storage.atomicity(location)
+    if not force and strategy.is_committed(location):
+        raise AlreadyExistsError(f"a checkpoint already exists at {location.url}; pass force=True to replace it")
+    staging = strategy.begin(location)
+    try:
+        write_contents(
+            prepared, staging, url=location.url, format=format, format_options=format_options,
+            metadata=user_metadata, progress=progress,
+        )
+        strategy.commit(staging, location, replace=force)
+    except BaseException as exc:
+        try:
+            strategy.abort(staging)
+        except Exception:  # the original failure matters more than the cleanup's
+            pass
+        if isinstance(exc, CheckpointError) or not isinstance(exc, Exception):
+            raise
+        raise StorageError(f"saving {location.url} failed: {type(exc).__name__}: {exc}") from exc
+    return location
+
+
+def write_contents(
+    prepared: PreparedSave,
+    staging: Location,
+    *,
+    url: str,
+    format: str | None = None,
+    format_options: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    progress: ProgressCallback | None = None,
+) -> dict[str, Any]:
+    """Write the arrays and the index of a prepared save into ``staging``; commit nothing.
+
+    For callers that commit several checkpoints as one unit (a manager's step with
+    several items); ``url`` is where the data will be visible once committed. Returns
+    the index written.
+    """
+    user_metadata = check_json(dict(metadata or {}), "checkpoint metadata")
+    format_name = format or (registry().default_array_format() if prepared.writes else "")
+    fmt = registry().array_format(format_name) if prepared.writes else None
+    _write_arrays(prepared, staging, format_name, fmt, dict(format_options or {}), progress)
+    formats = {}
+    if fmt is not None:
+        formats[format_name] = {"version": fmt.version, "distribution": fmt.distribution, "plugin_version": fmt.plugin_version}
+    context = SaveContext(url=url, formats=tuple(formats), user_metadata=user_metadata)
+    doc = {
+        "format": index.FORMAT,
+        "format_version": index.FORMAT_VERSION,
+        "ckptcore_version": _version(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "array_formats": formats,
+        "total_bytes": prepared.nbytes,
+        "metadata": user_metadata,
+        "plugin_metadata": registry().index_metadata(context),
+        "tree": prepared.tree,
+    }
+    staging.fs.makedirs(staging.path, exist_ok=True)
+    staging.fs.pipe_file(f"{staging.path}/{index.INDEX_FILE}", index.encode_index(doc))
+    return doc
+
+
+def _write_arrays(
+    prepared: PreparedSave,
+    staging: Location,
+    format_name: str,
+    fmt: Any,
+    options: dict[str, Any],
+    progress: ProgressCallback | None,
+) -> None:
+    if not prepared.writes:
+        return
+    total = prepared.nbytes
+    if progress:
+        progress(0, total)
+    # Checksums run beside the format's writes (zlib releases the GIL).
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptcore-checksum") as pool:
+        sums = [
+            pool.submit(_shard_checksums, w) for w in prepared.writes
+        ]
+        infos = fmt.format.write(staging.child(format_name), [w.request for w in prepared.writes], options)
+        for w, info, fut in zip(prepared.writes, infos, sums):
+            w.record.update(format=format_name, key=w.request.key, format_info=info, **fut.result())
+    if progress:
+        progress(total, total)
+
+
+def _shard_checksums(write: arrays.PlannedWrite) -> dict[str, Any]:
+    shards = write.request.shards
+    if len(shards) == 1 and all(
+        s.start == 0 and s.stop == n for s, n in zip(shards[0].index, write.request.shape)
+    ):
+        return {"checksum": arrays.checksum(shards[0].data)}
+    return {
+        "shard_checksums": [
+            {"index": [[s.start, s.stop] for s in shard.index], "checksum": arrays.checksum(shard.data)}
+            for shard in shards
+        ]
+    }
+
+
+def _version() -> str:
+    from ckptcore import __version__
+
+    return __version__
+
+
+def save(
+    path: str | os.PathLike[str],
+    state: Any,
+    *,
+    force: bool = False,
+    format: str | None = None,
+    format_options: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    progress: ProgressCallback | None = None,
+) -> None:
+    """Save the pytree ``state`` to ``path`` atomically.
+
+    :param path: a local path, ``file://``, or a URL of an installed storage plugin.
+    :param force: replace an existing checkpoint (the old one stays until the new one commits).
+    :param format: the array format (default: the plugins' default, ``ocdbt``).
+    :param format_options: options of the array format (e.g. ``{"chunk_bytes": ...}``).
+    :param metadata: JSON-able data stored in the index, returned by :func:`ckptcore.info`.
+    :param storage_options: per-call options for the storage plugin (endpoint, credentials...).
+    :param progress: called with (bytes written, bytes total).
+    :raises AlreadyExistsError: a checkpoint exists at ``path`` and ``force`` is false.
+    :raises UnsupportedLeafError: a leaf cannot be saved (raised before anything is written).
+    """
+    write(
+        prepare(state, copy=False), path, force=force, format=format, format_options=format_options,
+        metadata=metadata, storage_options=storage_options, progress=progress,
+    )

@@ -1,0 +1,32 @@
+"""Turning user paths and URLs into locations, through the storage and atomicity plugins."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from ckptcore.plugins import registry
+from ckptcore.registrations import AtomicCommit, Location
+
+
+def split_scheme(url: str) -> str:
+    """The URL scheme of ``url``; plain paths are ``file``."""
+    if "://" in url:
+        return url.split("://", 1)[0].lower()
+    return "file"
+
+
+def resolve(url: str | os.PathLike[str], options: Mapping[str, Any] | None = None) -> Location:
+    """The location of a path or URL, from the storage plugin of its scheme."""
+    text = os.fspath(url)
+    if "://" not in text:
+        text = os.path.abspath(os.path.expanduser(text))
+    text = text.rstrip("/") or "/"
+    reg = registry().storage(split_scheme(text))
+    return reg.backend.resolve(text, dict(options or {}))
+
+
+def atomicity(location: Location) -> AtomicCommit:
+    """The atomic-commit strategy that serves ``location``'s scheme."""
+    return registry().atomicity(location.scheme).strategy

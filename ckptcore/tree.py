@@ -1,0 +1,167 @@
+"""Pytrees <-> the JSON tree stored in the index.
+
+The stored tree keeps the exact structure: dicts with their key types and order, lists,
+tuples, namedtuples (by name and fields), ``None`` and empty containers. Scalars and
+strings are stored inline; arrays are stored by the array formats and appear in the
+tree as records that point at them.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import keyword
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from ckptcore.errors import CorruptCheckpointError, UnsupportedLeafError
+from ckptcore.keys import KeyPath, format_key_path
+
+Node = dict[str, Any]
+ARRAY_KINDS = ("ndarray", "jax_array")
+
+
+def is_namedtuple(value: Any) -> bool:
+    return isinstance(value, tuple) and hasattr(type(value), "_fields")
+
+
+def encode_tree(tree: Any, encode_leaf: Callable[[KeyPath, Any], Node], path: KeyPath = ()) -> Node:
+    """The JSON node of ``tree``; ``encode_leaf`` turns each non-container into a record."""
+    if tree is None:
+        return {"type": "none"}
+    if isinstance(tree, dict):
+        items = []
+        for key, value in tree.items():
+            if isinstance(key, bool) or not isinstance(key, (str, int)):
+                raise UnsupportedLeafError(
+                    f"dict key {key!r} of type {type(key).__name__} at {format_key_path(path)} is not "
+                    "supported; use str or int keys"
+                )
+            items.append(
+                {"key": key, "key_type": "int" if isinstance(key, int) else "str",
+                 "value": encode_tree(value, encode_leaf, (*path, key))}
+            )
+        return {"type": "dict", "items": items}
+    if is_namedtuple(tree):
+        return {
+            "type": "namedtuple",
+            "name": type(tree).__name__,
+            "fields": list(type(tree)._fields),
+            "items": [encode_tree(v, encode_leaf, (*path, f)) for f, v in zip(type(tree)._fields, tree)],
+        }
+    if type(tree) in (list, tuple):
+        kind = "list" if isinstance(tree, list) else "tuple"
+        return {"type": kind, "items": [encode_tree(v, encode_leaf, (*path, i)) for i, v in enumerate(tree)]}
+    record = encode_leaf(path, tree)  # kept by identity: array records are completed after writing
+    record["type"] = "leaf"
+    return record
+
+
+def iter_leaves(node: Node, path: KeyPath = ()) -> Iterator[tuple[KeyPath, Node]]:
+    """Every leaf record of a stored tree with its key path, in tree order."""
+    kind = node.get("type")
+    if kind == "leaf":
+        yield path, node
+    elif kind == "dict":
+        for item in node["items"]:
+            yield from iter_leaves(item["value"], (*path, item["key"]))
+    elif kind == "namedtuple":
+        for name, child in zip(node["fields"], node["items"]):
+            yield from iter_leaves(child, (*path, name))
+    elif kind in ("list", "tuple"):
+        for i, child in enumerate(node["items"]):
+            yield from iter_leaves(child, (*path, i))
+
+
+def children(node: Node) -> list[tuple[str | int, Node]]:
+    """The (key, child) pairs of a container node."""
+    kind = node["type"]
+    if kind == "dict":
+        return [(item["key"], item["value"]) for item in node["items"]]
+    if kind == "namedtuple":
+        return list(zip(node["fields"], node["items"]))
+    if kind in ("list", "tuple"):
+        return list(enumerate(node["items"]))
+    return []
+
+
+def build_container(node: Node, values: list[tuple[str | int, Any]], path: KeyPath) -> Any:
+    """The Python container a stored node describes, filled with ``values``."""
+    kind = node["type"]
+    if kind == "dict":
+        return {k: v for k, v in values}
+    if kind == "list":
+        return [v for _, v in values]
+    if kind == "tuple":
+        return tuple(v for _, v in values)
+    if kind == "namedtuple":
+        return _namedtuple_class(node, path)(*(v for _, v in values))
+    raise CorruptCheckpointError(f"unknown node type {kind!r} at {format_key_path(path)} in checkpoint index")
+
+
+def _namedtuple_class(node: Node, path: KeyPath) -> type:
+    # Rebuilt from plain identifiers only (never imported), so nothing from the file runs.
+    name, fields = node.get("name", "NamedTuple"), node.get("fields", [])
+    ok = all(isinstance(f, str) and f.isidentifier() and not keyword.iskeyword(f) for f in [*fields])
+    if not ok or not isinstance(name, str):
+        raise CorruptCheckpointError(f"invalid namedtuple description at {format_key_path(path)}")
+    safe_name = name if name.isidentifier() and not keyword.iskeyword(name) else "NamedTuple"
+    return collections.namedtuple(safe_name, fields)  # type: ignore[misc]
+
+
+# -- inline leaves --------------------------------------------------------------------
+
+
+def encode_scalar(path: KeyPath, value: Any) -> Node | None:
+    """The inline record of a Python or NumPy scalar, string or bytes; ``None`` if not one."""
+    if isinstance(value, bool) and not isinstance(value, np.generic):
+        return {"kind": "bool", "value": value}
+    if isinstance(value, int):
+        return {"kind": "int", "value": int(value)}
+    if isinstance(value, float) and not isinstance(value, np.generic):
+        return {"kind": "float", "value": float(value).hex()}
+    if isinstance(value, complex) and not isinstance(value, np.generic):
+        return {"kind": "complex", "value": [value.real.hex(), value.imag.hex()]}
+    if isinstance(value, str):
+        return {"kind": "str", "value": value}
+    if isinstance(value, (bytes, bytearray)):
+        return {"kind": "bytes", "value": base64.b64encode(bytes(value)).decode()}
+    if isinstance(value, np.generic):
+        from ckptcore.dtypes import dtype_name, is_supported_array_dtype
+
+        if not is_supported_array_dtype(value.dtype):
+            raise UnsupportedLeafError(
+                f"NumPy scalar of dtype {value.dtype} at {format_key_path(path)} is not supported"
+            )
+        data = np.asarray(value).astype(value.dtype.newbyteorder("<"), copy=False).tobytes()
+        return {"kind": "numpy_scalar", "dtype": dtype_name(value.dtype), "value": base64.b64encode(data).decode()}
+    return None
+
+
+def decode_scalar(path: KeyPath, record: Node) -> Any:
+    """The value of an inline record."""
+    kind, value = record.get("kind"), record.get("value")
+    try:
+        if kind in ("bool", "int", "str"):
+            expected = {"bool": bool, "int": int, "str": str}[kind]
+            if not isinstance(value, expected):
+                raise TypeError(f"expected {kind}")
+            return value
+        if kind == "float":
+            return float.fromhex(value)
+        if kind == "complex":
+            return complex(float.fromhex(value[0]), float.fromhex(value[1]))
+        if kind == "bytes":
+            return base64.b64decode(value, validate=True)
+        if kind == "numpy_scalar":
+            from ckptcore.dtypes import dtype_from_name
+
+            dtype = dtype_from_name(record["dtype"])
+            return np.frombuffer(base64.b64decode(value, validate=True), dtype=dtype.newbyteorder("<"))[0].astype(dtype)
+    except (TypeError, ValueError, KeyError, IndexError) as exc:
+        raise CorruptCheckpointError(
+            f"the {kind} value stored at {format_key_path(path)} is malformed ({exc}); the index is corrupt"
+        ) from exc
+    raise CorruptCheckpointError(f"unknown leaf kind {kind!r} at {format_key_path(path)} in the checkpoint index")
