@@ -91,11 +91,13 @@ def plan_read(path: KeyPath, record: dict[str, Any], target: Any) -> tuple[ReadR
     if wanted is not None:
         check_shape(path, saved_shape, wanted[0])
         dtype = wanted[1]
+    # A cast is done after the checksum check, so a restore into another dtype is verified too.
+    cast_to = dtype if dtype != saved_dtype and record.get("checksum") else None
     request = ReadRequest(
-        key=record["key"], shape=saved_shape, saved_dtype=saved_dtype, dtype=dtype,
+        key=record["key"], shape=saved_shape, saved_dtype=saved_dtype, dtype=saved_dtype if cast_to else dtype,
         info=record.get("format_info", {}), regions=(full_index(saved_shape),),
     )
-    expected = record.get("checksum") if dtype == saved_dtype else None
+    expected = record.get("checksum") if request.dtype == saved_dtype else None
 
     def finish(arrays: list[np.ndarray]) -> np.ndarray:
         array = arrays[0]
@@ -104,7 +106,7 @@ def plan_read(path: KeyPath, record: dict[str, Any], target: Any) -> tuple[ReadR
                 f"array {format_key_path(path)} (storage key {record['key']!r}) does not match its checksum; "
                 "the stored data is corrupt. Restore from another checkpoint."
             )
-        return array
+        return array.astype(cast_to) if cast_to is not None else array
 
     return request, finish
 

@@ -47,4 +47,7 @@ def parse_index(raw: bytes, url: str) -> dict[str, Any]:
             f"{url} was written in index format version {version}, newer than this ckptcore reads "
             f"({FORMAT_VERSION}); upgrade: pip install -U ckptcore"
         )
+    from ckptcore.tree import validate_tree  # imports NumPy: only once an index is read
+
+    validate_tree(index["tree"])
     return index

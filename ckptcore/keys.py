@@ -8,12 +8,14 @@ escapes and a ``~`` marker for integers.
 
 from __future__ import annotations
 
+import re
 import string
 from collections.abc import Sequence
 
 KeyPath = tuple[str | int, ...]
 
 _SAFE = frozenset(string.ascii_letters + string.digits + "_-")
+_ALL_SAFE = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def format_key_path(path: Sequence[str | int]) -> str:
@@ -27,6 +29,8 @@ def escape_key(key: str | int) -> str:
         return f"~{key}"
     if key == "":
         return "~e"
+    if _ALL_SAFE.fullmatch(key):  # the common case, without a per-character loop
+        return key
     return "".join(c if c in _SAFE else "".join(f"%{b:02X}" for b in c.encode()) for c in key)
 
 
@@ -51,3 +55,16 @@ def unescape_key(segment: str) -> str | int:
 def storage_key(path: Sequence[str | int]) -> str:
     """The relative storage key of a leaf: its escaped keys joined by ``/``."""
     return "/".join(escape_key(k) for k in path) or "~root"
+
+
+_SEGMENT = r"(?:~e|~-?\d+|~root|(?:[A-Za-z0-9_-]+|%[0-9A-F]{2})+)"
+_STORAGE_KEY = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*")  # one match per key: fast for thousands of leaves
+
+
+def is_safe_storage_key(key: object) -> bool:
+    """Whether ``key`` (read from an index) is a key :func:`storage_key` could have made.
+
+    Checked before a key read from a checkpoint reaches a format, so a tampered index can
+    never point a read outside the checkpoint directory.
+    """
+    return isinstance(key, str) and _STORAGE_KEY.fullmatch(key) is not None

@@ -18,10 +18,11 @@ from ckptcore.errors import (
     CorruptCheckpointError,
     IncompatibleVersionError,
     NotCommittedError,
+    PluginError,
     StorageError,
     TargetMismatchError,
 )
-from ckptcore.keys import KeyPath, format_key_path
+from ckptcore.keys import KeyPath, format_key_path, is_safe_storage_key
 from ckptcore.plugins import registry
 from ckptcore.registrations import Location, ProgressCallback, ReadRequest
 from ckptcore.tree import ARRAY_KINDS, Node, build_container, children, decode_scalar, is_namedtuple, iter_leaves
@@ -165,6 +166,10 @@ class _Planner:
     def _leaf(self, record: Node, target: Any, path: KeyPath) -> Any:
         if record.get("kind") not in ARRAY_KINDS:
             return decode_scalar(path, record)
+        if not is_safe_storage_key(record.get("key")):
+            raise CorruptCheckpointError(
+                f"the storage key {record.get('key')!r} of {format_key_path(path)} is invalid; the index is corrupt"
+            )
         try:
             request, finish = arrays.plan_read(path, record, target)
         except TargetMismatchError as exc:
@@ -197,7 +202,7 @@ class _Planner:
                     f"the checkpoint a {kind} of {len(saved)}"
                 )
                 return None
-            values = [self.plan(c, t, (*path, k), True) for (k, c), t in zip(children(node), target)]
+            values = [self.plan(c, t, (*path, k), True) for (k, c), t in zip(children(node), target, strict=True)]
             if is_namedtuple(target):
                 return type(target)(*values)
             return type(target)(values)
@@ -295,7 +300,12 @@ def _execute_reads(
                     f"reading arrays of {location.url} (format {name!r}) failed: {exc}; "
                     "the data is missing or corrupt, or the storage failed"
                 ) from exc
-            for r, arrays_read in zip(wave, results):
+            if len(results) != len(wave):
+                raise PluginError(
+                    f"array format {name!r} ({fmt.distribution}) returned {len(results)} results for "
+                    f"{len(wave)} read requests; report this to the plugin's authors"
+                )
+            for r, arrays_read in zip(wave, results, strict=True):
                 r.slot[0] = r.finish(arrays_read)
                 done += r.request.dtype.itemsize * _region_elements(r.request)
             if progress:

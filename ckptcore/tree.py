@@ -49,7 +49,7 @@ def encode_tree(tree: Any, encode_leaf: Callable[[KeyPath, Any], Node], path: Ke
             "type": "namedtuple",
             "name": type(tree).__name__,
             "fields": list(type(tree)._fields),
-            "items": [encode_tree(v, encode_leaf, (*path, f)) for f, v in zip(type(tree)._fields, tree)],
+            "items": [encode_tree(v, encode_leaf, (*path, f)) for f, v in zip(type(tree)._fields, tree, strict=True)],
         }
     if type(tree) in (list, tuple):
         kind = "list" if isinstance(tree, list) else "tuple"
@@ -68,7 +68,7 @@ def iter_leaves(node: Node, path: KeyPath = ()) -> Iterator[tuple[KeyPath, Node]
         for item in node["items"]:
             yield from iter_leaves(item["value"], (*path, item["key"]))
     elif kind == "namedtuple":
-        for name, child in zip(node["fields"], node["items"]):
+        for name, child in zip(node["fields"], node["items"], strict=True):
             yield from iter_leaves(child, (*path, name))
     elif kind in ("list", "tuple"):
         for i, child in enumerate(node["items"]):
@@ -81,7 +81,7 @@ def children(node: Node) -> list[tuple[str | int, Node]]:
     if kind == "dict":
         return [(item["key"], item["value"]) for item in node["items"]]
     if kind == "namedtuple":
-        return list(zip(node["fields"], node["items"]))
+        return list(zip(node["fields"], node["items"], strict=True))
     if kind in ("list", "tuple"):
         return list(enumerate(node["items"]))
     return []
@@ -104,11 +104,16 @@ def build_container(node: Node, values: list[tuple[str | int, Any]], path: KeyPa
 def _namedtuple_class(node: Node, path: KeyPath) -> type:
     # Rebuilt from plain identifiers only (never imported), so nothing from the file runs.
     name, fields = node.get("name", "NamedTuple"), node.get("fields", [])
-    ok = all(isinstance(f, str) and f.isidentifier() and not keyword.iskeyword(f) for f in [*fields])
+    ok = isinstance(fields, list) and all(
+        isinstance(f, str) and f.isidentifier() and not keyword.iskeyword(f) for f in fields
+    )
     if not ok or not isinstance(name, str):
         raise CorruptCheckpointError(f"invalid namedtuple description at {format_key_path(path)}")
     safe_name = name if name.isidentifier() and not keyword.iskeyword(name) else "NamedTuple"
-    return collections.namedtuple(safe_name, fields)  # type: ignore[misc]
+    try:
+        return collections.namedtuple(safe_name, fields)  # type: ignore[misc]
+    except (TypeError, ValueError) as exc:  # duplicate or underscore-prefixed fields
+        raise CorruptCheckpointError(f"invalid namedtuple description at {format_key_path(path)}: {exc}") from exc
 
 
 # -- inline leaves --------------------------------------------------------------------
@@ -165,3 +170,58 @@ def decode_scalar(path: KeyPath, record: Node) -> Any:
             f"the {kind} value stored at {format_key_path(path)} is malformed ({exc}); the index is corrupt"
         ) from exc
     raise CorruptCheckpointError(f"unknown leaf kind {kind!r} at {format_key_path(path)} in the checkpoint index")
+
+
+# -- validation of a tree read from an index ------------------------------------------------
+
+
+def validate_tree(node: Any, path: KeyPath = ()) -> None:
+    """Check the structure of a stored tree, so later walks meet only well-formed nodes.
+
+    Called on every index read: a tampered or corrupt index fails here with its key path
+    instead of with a ``KeyError`` somewhere in a restore.
+    """
+    stack: list[tuple[Any, KeyPath]] = [(node, path)]
+    while stack:
+        node, path = stack.pop()
+        kind = node.get("type") if isinstance(node, dict) else None
+        if kind in ("none", "leaf"):
+            if kind == "leaf" and node.get("kind") in ARRAY_KINDS:
+                _validate_array_record(node, path)
+            continue
+        items = node.get("items") if isinstance(node, dict) else None
+        if kind not in ("dict", "list", "tuple", "namedtuple") or not isinstance(items, list):
+            raise CorruptCheckpointError(
+                f"malformed tree node (type {kind!r}) at {format_key_path(path)} in the checkpoint index; "
+                "the index is corrupt or was written by a newer ckptcore (pip install -U ckptcore)"
+            )
+        if kind == "dict":
+            for item in items:
+                key = item.get("key") if isinstance(item, dict) else None
+                want = {"int": int, "str": str}.get(item.get("key_type")) if isinstance(item, dict) else None
+                if want is None or not isinstance(key, want) or isinstance(key, bool) or "value" not in item:
+                    raise CorruptCheckpointError(f"malformed dict entry at {format_key_path(path)} in the checkpoint index")
+                stack.append((item["value"], (*path, key)))
+            continue
+        if kind == "namedtuple":
+            _namedtuple_class(node, path)  # raises on fields that are not plain identifiers
+            if len(node["fields"]) != len(items):
+                raise CorruptCheckpointError(f"invalid namedtuple description at {format_key_path(path)}")
+            stack.extend((child, (*path, name)) for name, child in zip(node["fields"], items, strict=True))
+            continue
+        stack.extend((child, (*path, i)) for i, child in enumerate(items))
+
+
+def _validate_array_record(record: Node, path: KeyPath) -> None:
+    shape, dtype, nbytes = record.get("shape"), record.get("dtype"), record.get("nbytes")
+    ok = (
+        isinstance(shape, list)
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+        and isinstance(dtype, str)
+        and isinstance(nbytes, int)
+    )
+    if not ok:
+        raise CorruptCheckpointError(
+            f"the array record of {format_key_path(path)} in the checkpoint index is malformed "
+            "(shape, dtype or nbytes); the index is corrupt"
+        )

@@ -8,6 +8,7 @@ final name is therefore always complete; names with ``.ckptcore-tmp-`` (or orbax
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -21,6 +22,41 @@ from ckptcore.hookspecs import hookimpl
 from ckptcore.registrations import AtomicityRegistration, Location, StorageRegistration
 
 STAGING = re.compile(r".+\.(ckptcore-tmp|ckptcore-deleting|ckptcore-old|orbax-checkpoint-tmp)-[^/]*$")
+_OLD = re.compile(r"(.+)\.ckptcore-old-[^/]*$")
+
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+_renameat2: Any = None
+
+
+def _rename(src: str, dst: str, flags: int) -> bool:
+    """``renameat2(src, dst, flags)``; False where the kernel, libc or filesystem lacks it.
+
+    Raises FileExistsError when ``RENAME_NOREPLACE`` finds ``dst`` present.
+    """
+    global _renameat2
+    if _renameat2 is None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            _renameat2 = libc.renameat2
+            _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        except (OSError, AttributeError):
+            _renameat2 = False
+    if not _renameat2:
+        return False
+    import ctypes
+
+    at_fdcwd = -100
+    if _renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.EEXIST or (err == errno.ENOTEMPTY and flags == _RENAME_NOREPLACE):
+        raise FileExistsError(err, os.strerror(err), dst)
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), src)
 
 
 class LocalBackend:
@@ -70,25 +106,45 @@ class RenameCommit:
 
     def commit(self, staging: Location, final: Location, *, replace: bool) -> None:
         fsync_tree(staging.path)
-        old = None
+        parent = os.path.dirname(final.path) or "/"
         if replace and os.path.lexists(final.path):
+            # Swap in one step where the kernel can (Linux renameat2): the final name always
+            # holds a complete checkpoint, the old one or the new one.
+            if _rename(staging.path, final.path, _RENAME_EXCHANGE):
+                _fsync_path(parent, directory=True)
+                shutil.rmtree(staging.path, ignore_errors=True)  # now holds the old checkpoint
+                return
+            # Two renames: a kill in between leaves the old one under ``.ckptcore-old-``,
+            # which ``abort`` (and so ``ckptcore.clean``) moves back instead of deleting.
             old = f"{final.path}.ckptcore-old-{uuid.uuid4().hex[:8]}"
             os.rename(final.path, old)
-        try:
-            os.rename(staging.path, final.path)
-        except OSError as exc:
-            if old is not None:
+            try:
+                os.rename(staging.path, final.path)
+            except OSError:
                 os.rename(old, final.path)
-            if os.path.lexists(final.path):
-                raise AlreadyExistsError(
-                    f"{final.url} appeared while saving (another process saved there); nothing was overwritten"
-                ) from exc
-            raise
-        _fsync_path(os.path.dirname(final.path) or "/", directory=True)
-        if old is not None:
+                raise
+            _fsync_path(parent, directory=True)
             shutil.rmtree(old, ignore_errors=True)
+            return
+        try:
+            # Never rename over a directory that appeared meanwhile (rename(2) replaces empty ones).
+            if not _rename(staging.path, final.path, _RENAME_NOREPLACE):
+                if os.path.lexists(final.path):
+                    raise FileExistsError(final.path)
+                os.rename(staging.path, final.path)
+        except FileExistsError as exc:
+            raise AlreadyExistsError(
+                f"{final.url} appeared while saving (another process saved there); nothing was overwritten"
+            ) from exc
+        _fsync_path(parent, directory=True)
 
     def abort(self, staging: Location) -> None:
+        match = _OLD.fullmatch(staging.path)
+        if match and not os.path.lexists(match.group(1)):
+            # The previous checkpoint, moved aside by a replacing save killed before its
+            # second rename: put it back rather than delete the only copy.
+            os.rename(staging.path, match.group(1))
+            return
         shutil.rmtree(staging.path, ignore_errors=True)
 
     def is_committed(self, location: Location) -> bool:
