@@ -37,11 +37,14 @@ _LAZY = {
     "ArrayFormatRegistration": "ckptcore.registrations",
     "SaveContext": "ckptcore.registrations",
     "clean": "ckptcore.cleanup",
+    "Checkpointer": "ckptcore.checkpointer",
+    "AsyncCheckpointer": "ckptcore.checkpointer",
 }
 
 __all__ = ["CheckpointError", "errors", "__version__", *_LAZY]
 
 if TYPE_CHECKING:
+    from ckptcore.checkpointer import AsyncCheckpointer, Checkpointer
     from ckptcore.cleanup import clean
     from ckptcore.hookspecs import hookimpl
     from ckptcore.plugins import PluginInfo, list_plugins, register_plugin, unregister_plugin

@@ -96,3 +96,14 @@ class InvalidMetadataError(CheckpointError, ValueError):
 
 
 __all__.append("InvalidMetadataError")
+
+
+class InvalidOptionError(CheckpointError, ValueError):
+    """An option passed to ckptcore has an invalid value (the message names it and what is accepted)."""
+
+
+class CheckpointerClosedError(CheckpointError, RuntimeError):
+    """A checkpointer was used after ``close()``; create a new one."""
+
+
+__all__ += ["CheckpointerClosedError", "InvalidOptionError"]

@@ -6,13 +6,16 @@ thread (``prepare``) and write in the background (``write``).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from ckptcore import arrays, index, storage
 from ckptcore.errors import AlreadyExistsError, CheckpointError, InvalidMetadataError, StorageError, UnsupportedLeafError
@@ -34,16 +37,24 @@ class PreparedSave:
         return sum(w.record["nbytes"] for w in self.writes)
 
 
-def prepare(state: Any, *, copy: bool = False) -> PreparedSave:
+def prepare(
+    state: Any, *, copy: bool = False, copy_array: Callable[[np.ndarray], np.ndarray] | None = None
+) -> PreparedSave:
     """Validate ``state`` and snapshot it; raises before anything is written.
 
     With ``copy=True`` mutable buffers (NumPy arrays) are copied, so the caller may change
-    them as soon as this returns.
+    them as soon as this returns. ``copy_array`` (with ``copy=True``) replaces that copy of
+    a NumPy leaf: e.g. into reused buffers, or the identity for a caller that hands its
+    buffers over and promises not to mutate them until the write ends.
     """
     writes: list[arrays.PlannedWrite] = []
 
     def encode_leaf(path: KeyPath, value: Any) -> Node:
-        planned = arrays.plan_write(path, value, copy=copy)
+        own_copy = copy and copy_array is not None and isinstance(value, np.ndarray)
+        planned = arrays.plan_write(path, value, copy=copy and not own_copy)
+        if own_copy and planned is not None and planned.request.shards[0].data is value:
+            shard = dataclasses.replace(planned.request.shards[0], data=copy_array(value))  # type: ignore[misc]
+            planned.request = dataclasses.replace(planned.request, shards=(shard,))
         if planned is not None:
             writes.append(planned)
             return planned.record
@@ -79,8 +90,13 @@ def write(
     metadata: Mapping[str, Any] | None = None,
     storage_options: Mapping[str, Any] | None = None,
     progress: ProgressCallback | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> Location:
-    """Write a prepared save to ``path`` and commit it atomically; return its location."""
+    """Write a prepared save to ``path`` and commit it atomically; return its location.
+
+    ``before_commit`` runs right before the commit; if it raises, the save is aborted
+    (a background save past its deadline uses it to never publish late).
+    """
     user_metadata = check_json(dict(metadata or {}), "checkpoint metadata")
     location = storage.resolve(path, storage_options)
     strategy = storage.atomicity(location)
@@ -92,6 +108,8 @@ def write(
             prepared, staging, url=location.url, format=format, format_options=format_options,
             metadata=user_metadata, progress=progress,
         )
+        if before_commit is not None:
+            before_commit()
         strategy.commit(staging, location, replace=force)
     except BaseException as exc:
         try:
