@@ -1,0 +1,232 @@
+"""Lease files: the writer lock of a checkpoint directory and the reader leases on steps.
+
+A lease is a small JSON file (owner, host, pid, expiry time) written through fsspec, so
+it works the same on local disk and on object stores. Its holder rewrites it every third
+of its lifetime from a daemon thread; a process that crashes stops refreshing, and its
+lease is ignored once expired. Expiry compares wall clocks: hosts sharing a directory
+need clocks within a few seconds of each other (NTP does that).
+
+* Writer lock: ``<root>/.ckptcore-writer.json``. A second writing manager gets
+  :class:`~ckptcore.errors.ConcurrentWriterError` while the first one's lease is live.
+  Created with exclusive-create (``open(mode="xb")``) where the filesystem supports it.
+* Reader leases: ``<root>/.ckptcore-readers/<step>.<uuid>.json``. Retention does not
+  delete a step while a live lease on it exists; it deletes it at a later save.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from ckptcore.errors import ConcurrentWriterError, StorageError
+from ckptcore.registrations import Location
+
+log = logging.getLogger("ckptcore.locks")
+
+WRITER_FILE = ".ckptcore-writer.json"
+READERS_DIR = ".ckptcore-readers"
+
+
+_UNREADABLE: dict[str, Any] = {"unreadable": True}
+
+
+def _read_json(location: Location, path: str) -> dict[str, Any] | None:
+    """The lease at ``path``; None when absent; ``_UNREADABLE`` when not (yet) valid JSON."""
+    try:
+        raw = location.fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return _UNREADABLE  # being created right now (exclusive create, then write), or damaged
+    return doc if isinstance(doc, dict) else _UNREADABLE
+
+
+def _atomic_write(location: Location, path: str, data: bytes) -> None:
+    # A rename on local disk, a single PUT on object stores: a reader never sees half a lease.
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    location.fs.pipe_file(tmp, data)
+    location.fs.mv(tmp, path)
+
+
+def _is_live(doc: dict[str, Any] | None, now: float) -> bool:
+    return doc is not None and isinstance(doc.get("expires"), (int, float)) and doc["expires"] > now
+
+
+def _pid_is_dead(doc: dict[str, Any]) -> bool:
+    """The holder ran on this host and its process is gone (so its lease can be taken now)."""
+    if doc.get("host") != socket.gethostname() or not isinstance(doc.get("pid"), int):
+        return False
+    if doc["pid"] == os.getpid():
+        return False
+    try:
+        os.kill(doc["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+class Lease:
+    """One lease file, refreshed in the background until released."""
+
+    def __init__(self, location: Location, path: str, ttl: float, info: dict[str, Any] | None = None) -> None:
+        self.location = location
+        self.path = path
+        self.ttl = ttl
+        self.owner = uuid.uuid4().hex
+        self.info = dict(info or {})
+        self.lost: str | None = None  # why the lease was lost, if it was
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _doc(self) -> bytes:
+        doc = {
+            **self.info, "owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
+            "expires": time.time() + self.ttl, "ttl": self.ttl,
+        }
+        return json.dumps(doc).encode()
+
+    def write(self, exclusive: bool = False) -> None:
+        fs = self.location.fs
+        if exclusive:
+            try:
+                with fs.open(self.path, "xb") as f:
+                    f.write(self._doc())
+                return
+            except (ValueError, NotImplementedError, TypeError):
+                pass  # no exclusive create on this filesystem: plain write, checked by reading back
+        _atomic_write(self.location, self.path, self._doc())
+
+    def start_refreshing(self) -> None:
+        self._thread = threading.Thread(target=self._refresh_loop, name="ckptcore-lease", daemon=True)
+        self._thread.start()
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                self.refresh()
+            except Exception as exc:  # storage hiccup: try again next period; expiry decides
+                log.warning("could not refresh lease %s: %s", self.path, exc)
+
+    def refresh(self) -> None:
+        current = _read_json(self.location, self.path)
+        if current is not None and current is not _UNREADABLE and current.get("owner") != self.owner:
+            self.lost = f"taken over by host {current.get('host')} pid {current.get('pid')}"
+            self._stop.set()
+            return
+        _atomic_write(self.location, self.path, self._doc())
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5)
+        if self.lost is not None:
+            return
+        try:
+            current = _read_json(self.location, self.path)
+            if current is not None and current.get("owner") == self.owner:
+                self.location.fs.rm_file(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("could not remove lease %s (it expires by itself): %s", self.path, exc)
+
+
+def acquire_writer_lock(root: Location, ttl: float) -> Lease:
+    """Take the writer lock of ``root`` or raise :class:`ConcurrentWriterError`."""
+    path = f"{root.path.rstrip('/')}/{WRITER_FILE}"
+    lease = Lease(root, path, ttl, {"kind": "writer"})
+    fs = root.fs
+    fs.invalidate_cache(root.path)
+    current = _read_json(root, path)
+    for _ in range(10):  # another writer may be between its exclusive create and its write
+        if current is not _UNREADABLE:
+            break
+        time.sleep(0.1)
+        current = _read_json(root, path)
+    if current is _UNREADABLE:
+        raise ConcurrentWriterError(
+            f"the writer lock {root.url}/{WRITER_FILE} is unreadable; if no other manager writes {root.url}, "
+            "delete that file and retry"
+        )
+    if current is not None:
+        if _is_live(current, time.time()) and not _pid_is_dead(current):
+            raise _held(root, current)
+        try:  # expired, or its process is gone
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+    try:
+        lease.write(exclusive=True)
+    except FileExistsError as exc:
+        raise _held(root, _read_json(root, path) or {}) from exc
+    except OSError as exc:
+        raise StorageError(f"could not create the writer lock {root.url}/{WRITER_FILE}: {exc}") from exc
+    # Without exclusive create two writers may both write: the file keeps one owner, and
+    # the other one learns it here.
+    written = _read_json(root, path)
+    if written is None or written.get("owner") != lease.owner:
+        raise _held(root, written or {})
+    lease.start_refreshing()
+    return lease
+
+
+def _held(root: Location, holder: dict[str, Any]) -> ConcurrentWriterError:
+    left = holder.get("expires", 0) - time.time() if isinstance(holder.get("expires"), (int, float)) else 0
+    return ConcurrentWriterError(
+        f"{root.url} is being written by another CheckpointManager (host {holder.get('host', '?')}, "
+        f"pid {holder.get('pid', '?')}; its lease {root.url}/{WRITER_FILE} expires in {max(0.0, left):.0f} s "
+        "unless refreshed). Two writers would delete each other's steps. Open this manager with "
+        "read_only=True to read, close the other one, or wait for its lease to expire if it crashed."
+    )
+
+
+def readers_dir(root: Location) -> str:
+    return f"{root.path.rstrip('/')}/{READERS_DIR}"
+
+
+def acquire_reader_lease(root: Location, step: int, ttl: float) -> Lease:
+    """Protect ``step`` from retention while it is read; release it when done."""
+    directory = readers_dir(root)
+    lease = Lease(root, "", ttl, {"kind": "reader", "step": step})
+    lease.path = f"{directory}/{step}.{lease.owner}.json"
+    root.fs.makedirs(directory, exist_ok=True)
+    lease.write()
+    lease.start_refreshing()
+    return lease
+
+
+def leased_steps(root: Location, *, clean_expired: bool = False) -> set[int]:
+    """The steps that live reader leases protect; optionally remove expired leases."""
+    directory = readers_dir(root)
+    fs = root.fs
+    fs.invalidate_cache(directory)
+    try:
+        names = [str(p).rstrip("/").rpartition("/")[2] for p in fs.ls(directory, detail=False)]
+    except FileNotFoundError:
+        return set()
+    now = time.time()
+    steps = set()
+    for name in names:
+        head = name.split(".", 1)[0]
+        if not head.isdigit() or not name.endswith(".json"):
+            continue
+        path = f"{directory}/{name}"
+        doc = _read_json(root, path)
+        if _is_live(doc, now):
+            steps.add(int(head))
+        elif clean_expired and doc is not None:
+            try:
+                fs.rm_file(path)
+            except OSError:
+                pass
+    return steps

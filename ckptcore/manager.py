@@ -1,0 +1,860 @@
+"""CheckpointManager: the steps of a training run in one directory, on any storage.
+
+On storage (``<root>`` is the manager's directory)::
+
+    <root>/ckptcore_manager.json          root file: format, step naming, user metadata
+    <root>/<step name>/                   one step, committed atomically as a unit
+        ckptcore_step.json                commit time, metrics, items and their formats
+        <item>/ckptcore_index.json ...    a pytree item (a ckptcore checkpoint without its own commit)
+        <item>/ckptcore_json.json         a Json item
+    <root>/.ckptcore-writer.json          writer lock (lease file)
+    <root>/.ckptcore-readers/             reader leases (steps retention must not delete now)
+
+Only the storage and atomicity plugins touch storage (``Location.fs`` is fsspec), so the
+same code serves local disk (rename commit) and object stores (commit-marker commit).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import operator
+import os
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from ckptcore import index, locks, restoring, saving, storage
+from ckptcore.background import BackgroundWriter
+from ckptcore.composite import DEFAULT_ITEM, Composite, Json
+from ckptcore.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConcurrentWriterError,
+    CorruptCheckpointError,
+    IncompatibleVersionError,
+    InvalidMetadataError,
+    NotACheckpointRootError,
+    ReadOnlyError,
+    StepAlreadyExistsError,
+    StepInUseError,
+    StorageError,
+    TargetMismatchError,
+)
+from ckptcore.manager_options import CheckpointManagerOptions
+from ckptcore.plugins import registry
+from ckptcore.registrations import AtomicCommit, Location
+from ckptcore.retention import StepRecord, steps_to_delete
+
+log = logging.getLogger("ckptcore.manager")
+
+ROOT_FILE = "ckptcore_manager.json"
+STEP_FILE = "ckptcore_step.json"
+JSON_ITEM_FILE = "ckptcore_json.json"
+ROOT_FORMAT = "ckptcore-manager"
+STEP_FORMAT = "ckptcore-step"
+FORMAT_VERSION = 1
+STEP_LAYOUT = "prefixed"
+
+
+@dataclass(frozen=True)
+class StepMetadata:
+    """What a step's metadata file says (no array data is read)."""
+
+    step: int
+    url: str
+    commit_time: datetime.datetime | None
+    metrics: Any
+    items: Mapping[str, Mapping[str, Any]]  # name -> {"kind": "pytree"|"json", "array_formats": [...], ...}
+    composite: bool
+
+
+# -- listing steps (shared with the evaluators) ----------------------------------------
+
+
+def list_names(root: Location) -> list[str]:
+    """The entry names directly inside ``root`` (fresh: fsspec listing caches are dropped)."""
+    root.fs.invalidate_cache(root.path)
+    try:
+        entries = root.fs.ls(root.path, detail=False)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise StorageError(f"could not list {root.url}: {exc}") from exc
+    return [str(e).rstrip("/").rpartition("/")[2] for e in entries]
+
+
+def committed_steps(
+    root: Location, strategy: AtomicCommit, prefixes: tuple[str | None, ...], names: list[str] | None = None
+) -> dict[int, str]:
+    """step -> directory name, for every committed step, read through every registered layout."""
+    layouts = [reg.layout for reg in registry().step_layouts()]
+    found: dict[int, str] = {}
+    for name in list_names(root) if names is None else names:
+        if name.startswith("."):
+            continue
+        step = _parse(name, prefixes, layouts)
+        if step is None or (step in found and len(found[step]) <= len(name)):
+            continue
+        if strategy.is_committed(root.child(name)):
+            found[step] = name
+    return dict(sorted(found.items()))
+
+
+def _parse(name: str, prefixes: tuple[str | None, ...], layouts: list[Any]) -> int | None:
+    for prefix in prefixes:
+        for layout in layouts:
+            step = layout.parse_step(name, prefix)
+            if step is not None:
+                return step
+    return None
+
+
+def read_root_file(root: Location) -> dict[str, Any] | None:
+    """The manager's root file, ``None`` when absent; clear errors when it is not ours."""
+    path = f"{root.path.rstrip('/')}/{ROOT_FILE}"
+    try:
+        raw = root.fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StorageError(f"could not read {root.url}/{ROOT_FILE}: {exc}") from exc
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise CorruptCheckpointError(
+            f"{root.url}/{ROOT_FILE} is not valid JSON ({exc}). The steps are unaffected: delete that file "
+            "and open the manager again to rewrite it (the root metadata it held is lost)."
+        ) from exc
+    if not isinstance(doc, dict) or doc.get("format") != ROOT_FORMAT:
+        raise NotACheckpointRootError(f"{root.url}/{ROOT_FILE} is not a ckptcore manager file")
+    if not isinstance(doc.get("format_version"), int) or doc["format_version"] > FORMAT_VERSION:
+        raise IncompatibleVersionError(
+            f"{root.url} was written by a newer ckptcore (manager format {doc.get('format_version')}); "
+            "upgrade: pip install -U ckptcore"
+        )
+    return doc
+
+
+# -- metrics ---------------------------------------------------------------------------
+
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def check_metrics(metrics: Any, where: str = "metrics") -> Any:
+    """Metrics as JSON data: a mapping of names to numbers (nested mappings allowed).
+
+    NumPy/JAX scalars become Python numbers; NaN and infinities are stored as the strings
+    ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (JSON has no such numbers) and read back as floats.
+    """
+    if not isinstance(metrics, Mapping):
+        raise InvalidMetadataError(
+            f"{where} must be a mapping of metric names to numbers, like {{'loss': 0.5}}; got {type(metrics).__name__}"
+        )
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str):
+            raise InvalidMetadataError(f"{where}: metric names must be strings, got {key!r}")
+        here = f"{where}[{key!r}]"
+        if isinstance(value, Mapping):
+            out[key] = check_metrics(value, here)
+            continue
+        if getattr(value, "shape", None) == () and hasattr(value, "item"):
+            value = value.item()  # NumPy / JAX scalar
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidMetadataError(
+                f"{here} is {value!r} ({type(value).__name__}); a metric must be a number (int, float, or a "
+                "NumPy/JAX scalar). Nothing was saved."
+            )
+        if isinstance(value, float) and not math.isfinite(value):
+            value = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+        out[key] = value
+    return out
+
+
+def decode_metrics(stored: Any) -> Any:
+    if isinstance(stored, dict):
+        return {k: decode_metrics(v) for k, v in stored.items()}
+    if isinstance(stored, str):
+        return _NON_FINITE.get(stored, stored)
+    return stored
+
+
+# -- the manager -----------------------------------------------------------------------
+
+
+class CheckpointManager:
+    """Saves, lists, keeps and restores the steps of a run in ``directory``.
+
+    :param directory: a local path or a URL of an installed storage plugin (``gs://``, ``s3://``).
+    :param options: :class:`CheckpointManagerOptions` (orbax-checkpoint's names and meanings).
+    :param metadata: JSON-able data about the run, written with the root file when the
+        directory is first set up, and returned by :meth:`metadata`.
+    :param storage_options: options of the storage plugin (overrides ``options.storage_options``).
+
+    Use it as a context manager, or call :meth:`close`: it waits for background saves,
+    surfaces their errors and releases the writer lock.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        options: CheckpointManagerOptions | None = None,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._options = options if options is not None else CheckpointManagerOptions()
+        opts = self._options
+        self._root = storage.resolve(directory, storage_options if storage_options is not None else opts.storage_options)
+        self._strategy = storage.atomicity(self._root)
+        self._layout = registry().step_layout(STEP_LAYOUT).layout
+        self._lock = threading.RLock()
+        self._records: dict[int, StepRecord] = {}
+        self._names: dict[int, str] = {}
+        self._pending_step: int | None = None
+        self._restored_step: int | None = None
+        self._writer = BackgroundWriter("ckptcore-manager-save")
+        self._deleter = BackgroundWriter("ckptcore-manager-delete")
+        self._writer_lease: locks.Lease | None = None
+        self._closed = False
+        user_metadata = saving.check_json(dict(metadata or {}), "manager metadata")
+
+        names = self._open_root()
+        try:
+            if not opts.read_only and opts.writer_lock:
+                self._writer_lease = locks.acquire_writer_lock(self._root, opts.lease_ttl_secs)
+            root_doc = read_root_file(self._root) if ROOT_FILE in names else None
+            if root_doc is None and not opts.read_only:
+                root_doc = self._write_root_file(user_metadata)
+                names = list_names(self._root)
+            elif root_doc is not None and metadata is not None and root_doc.get("metadata") != user_metadata:
+                log.warning("%s already has root metadata; the metadata passed is ignored (it is written once)",
+                            self._root.url)
+            self._root_doc = root_doc or {}
+            if opts.cleanup_tmp_directories and not opts.read_only:
+                from ckptcore.cleanup import clean
+
+                for url in clean(self._root.url, storage_options=self._root.options):
+                    log.info("removed leftover of an interrupted save: %s", url)
+                names = list_names(self._root)
+            self._load(names)
+        except BaseException:
+            if self._writer_lease is not None:
+                self._writer_lease.release()
+            raise
+
+    # -- set-up ------------------------------------------------------------------------
+
+    def _open_root(self) -> list[str]:
+        root, fs = self._root, self._root.fs
+        fs.invalidate_cache(root.path)
+        try:
+            kind = fs.info(root.path).get("type")
+        except FileNotFoundError:
+            kind = None
+        except OSError as exc:
+            raise StorageError(f"could not open {root.url}: {exc}") from exc
+        if kind is None:
+            if self._options.read_only or not self._options.create:
+                raise CheckpointNotFoundError(
+                    f"{root.url} does not exist; pass options with create=True (and read_only=False) to start a new run there"
+                )
+            fs.makedirs(root.path, exist_ok=True)
+            return []
+        if kind != "directory":
+            raise NotACheckpointRootError(f"{root.url} is a file, not a directory of checkpoint steps")
+        names = list_names(root)
+        if index.INDEX_FILE in names:
+            raise NotACheckpointRootError(
+                f"{root.url} is a single checkpoint (saved with ckptcore.save), not a directory of steps; "
+                "restore it with ckptcore.restore, or give the manager another directory"
+            )
+        if STEP_FILE in names:
+            raise NotACheckpointRootError(
+                f"{root.url} is one step of a CheckpointManager; open the manager on its parent {root.parent().url}"
+            )
+        return names
+
+    def _write_root_file(self, user_metadata: dict[str, Any]) -> dict[str, Any]:
+        doc = {
+            "format": ROOT_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(),
+            "ckptcore_version": _version(),
+            "step_prefix": self._options.step_prefix,
+            "step_format_fixed_length": self._options.step_format_fixed_length,
+            "metadata": user_metadata,
+        }
+        self._root.fs.pipe_file(f"{self._root.path.rstrip('/')}/{ROOT_FILE}", json.dumps(doc, indent=1).encode())
+        return doc
+
+    def _prefixes(self) -> tuple[str | None, ...]:
+        ours = self._options.step_prefix
+        saved = self._root_doc.get("step_prefix") if hasattr(self, "_root_doc") else None
+        return (ours,) if saved == ours else (ours, saved)
+
+    def _load(self, names: list[str]) -> None:
+        steps = committed_steps(self._root, self._strategy, self._prefixes(), names)
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="ckptcore-list") as pool:
+            docs = list(pool.map(lambda item: self._try_step_doc(*item), steps.items()))
+        with self._lock:
+            self._names = dict(steps)
+            self._records = {}
+            for (step, _), doc in zip(steps.items(), docs, strict=True):
+                self._records[step] = self._record(step, doc)
+
+    def _try_step_doc(self, step: int, name: str) -> StepMetadata | None:
+        try:
+            return self._read_step_doc(step, self._root.child(name))
+        except CheckpointError as exc:
+            log.warning("step %d: %s", step, exc)
+            return None
+
+    def _record(self, step: int, meta: StepMetadata | None) -> StepRecord:
+        if meta is None:  # damaged or foreign: listed (restore says why it fails), never scored
+            return StepRecord(step, 0.0)
+        when = meta.commit_time.timestamp() if meta.commit_time else 0.0
+        return StepRecord(step, when, meta.metrics, self._score(step, meta.metrics, strict=False))
+
+    def _score(self, step: int, metrics: Any, *, strict: bool) -> float | None:
+        best_fn = self._options.best_fn
+        if best_fn is None or metrics is None:
+            return None
+        try:
+            score = best_fn(metrics)
+            if getattr(score, "shape", None) == () and hasattr(score, "item"):
+                score = score.item()
+            if isinstance(score, bool) or not isinstance(score, (int, float)):
+                raise TypeError(f"it returned {score!r} ({type(score).__name__}), not a number")
+            return float(score)
+        except Exception as exc:
+            message = f"best_fn failed on the metrics of step {step} ({metrics!r}): {type(exc).__name__}: {exc}"
+            if strict:
+                raise InvalidMetadataError(message + ". Nothing was saved; fix best_fn or the metrics.") from exc
+            log.warning("%s; the step is ranked as a step without metrics", message)
+            return None
+
+    # -- reading step metadata ---------------------------------------------------------
+
+    def _read_step_doc(self, step: int, location: Location) -> StepMetadata:
+        path = f"{location.path.rstrip('/')}/{STEP_FILE}"
+        try:
+            raw = location.fs.cat_file(path)
+        except FileNotFoundError as exc:
+            raise CorruptCheckpointError(
+                f"step {step} at {location.url} has no {STEP_FILE}: it was not written by a ckptcore "
+                f"CheckpointManager or is damaged. Restore another step (all_steps()) or delete it (delete({step}))."
+            ) from exc
+        except OSError as exc:
+            raise StorageError(f"could not read {location.url}/{STEP_FILE}: {exc}") from exc
+        try:
+            doc = json.loads(raw)
+            if not isinstance(doc, dict) or doc.get("format") != STEP_FORMAT or not isinstance(doc.get("items"), dict):
+                raise ValueError("not a ckptcore step metadata file")
+        except ValueError as exc:
+            raise CorruptCheckpointError(
+                f"step {step} at {location.url}: {STEP_FILE} is damaged ({exc}). Restore another step "
+                f"(all_steps()) or delete it (delete({step}))."
+            ) from exc
+        if not isinstance(doc.get("format_version"), int) or doc["format_version"] > FORMAT_VERSION:
+            raise IncompatibleVersionError(
+                f"step {step} at {location.url} was written by a newer ckptcore; upgrade: pip install -U ckptcore"
+            )
+        commit = doc.get("commit_time")
+        return StepMetadata(
+            step=step, url=location.url,
+            commit_time=datetime.datetime.fromtimestamp(commit, datetime.UTC)
+            if isinstance(commit, (int, float)) else None,
+            metrics=decode_metrics(doc.get("metrics")), items=doc["items"], composite=bool(doc.get("composite")),
+        )
+
+    # -- queries -----------------------------------------------------------------------
+
+    @property
+    def directory(self) -> str:
+        """The URL (or absolute path) of the managed directory."""
+        return self._root.url
+
+    @property
+    def options(self) -> CheckpointManagerOptions:
+        return self._options
+
+    def all_steps(self) -> list[int]:
+        """Every committed step, ascending (as of the last save, delete or :meth:`reload`)."""
+        with self._lock:
+            return sorted(self._records)
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or ``None``. A save still in flight is never reported."""
+        with self._lock:
+            return max(self._records, default=None)
+
+    def best_step(self) -> int | None:
+        """The best step by ``best_fn`` (the latest step without ``best_fn``); ``None`` if none is scored."""
+        if self._options.best_fn is None:
+            return self.latest_step()
+        with self._lock:
+            scored = [r for r in self._records.values() if r.score is not None]
+        if not scored:
+            return None
+        worst = -math.inf if self._options.best_mode == "max" else math.inf
+        ranked = sorted(
+            sorted(scored, key=lambda r: r.step),
+            key=lambda r: worst if math.isnan(r.score) else r.score,  # type: ignore[arg-type]
+            reverse=self._options.best_mode == "min",
+        )
+        return ranked[-1].step
+
+    def metrics(self, step: int) -> Any:
+        """The metrics saved with ``step`` (``None`` if it was saved without), even without ``best_fn``."""
+        with self._lock:
+            record = self._records.get(step)
+        if record is None:
+            raise self._not_found(step)
+        return record.metrics
+
+    def step_metadata(self, step: int) -> StepMetadata:
+        """Commit time, metrics, item names and formats of ``step``."""
+        return self._read_step_doc(step, self._step_location(step))
+
+    def item_metadata(self, step: int | None = None) -> Any:
+        """The saved tree(s) of ``step`` with arrays as :class:`ckptcore.ArrayMetadata`; no array is read.
+
+        A Composite for composite steps; Json items are returned as their value.
+        """
+        step = self._resolve_step(step)
+        location = self._step_location(step)
+        meta = self._read_step_doc(step, location)
+        out = {}
+        for name, item in meta.items.items():
+            if item.get("kind") == "json":
+                out[name] = self._read_json_item(step, location, name)
+            else:
+                out[name] = restoring.metadata_tree(self._read_item_index(step, location, name))
+        return Composite(out) if meta.composite else out[DEFAULT_ITEM]
+
+    def metadata(self) -> dict[str, Any]:
+        """The user metadata stored when the directory was set up (``{}`` if none)."""
+        return dict(self._root_doc.get("metadata") or {})
+
+    def should_save(self, step: int) -> bool:
+        """Whether :meth:`save` would write ``step`` now (orbax's rules).
+
+        False when read-only or when ``step`` is not newer than the latest step (saved or
+        in flight). Otherwise ``should_save_fn(step, latest)`` when given, else: ``step`` is a
+        multiple of ``save_interval_steps``, or no step exists yet.
+        """
+        if self._options.read_only:
+            return False
+        with self._lock:
+            latest = max([*self._records, *([self._pending_step] if self._pending_step is not None else [])],
+                         default=None)
+            has_steps = bool(self._records) or self._pending_step is not None
+        if latest is not None and latest >= step:
+            return False
+        if self._options.should_save_fn is not None:
+            return bool(self._options.should_save_fn(step, latest))
+        interval = self._options.save_interval_steps
+        if interval and step % interval == 0:
+            return True
+        return not has_steps
+
+    def is_saving_in_progress(self) -> bool:
+        return self._writer.in_progress() or self._deleter.in_progress()
+
+    # -- save --------------------------------------------------------------------------
+
+    def save(self, step: int, state: Any, *, metrics: Mapping[str, Any] | None = None, force: bool = False) -> bool:
+        """Save ``state`` (a pytree, a :class:`ckptcore.Json`, or a :class:`ckptcore.Composite`) as ``step``.
+
+        Returns False, writing nothing, when the step is not due (:meth:`should_save`) and
+        ``force`` is false. The step's items, metadata and metrics become visible together at
+        commit; then retention deletes the steps the options no longer keep. With
+        ``enable_async_checkpointing`` it returns once the state is snapshotted.
+
+        :param metrics: numbers describing the step (``{"loss": 0.1}``), stored with it,
+            returned by :meth:`metrics` and ranked by ``best_fn``.
+        :param force: save even if not due, and replace the step if it exists.
+        :raises StepAlreadyExistsError: ``step`` exists and ``force`` is false.
+        :raises ReadOnlyError: the manager is read-only.
+        :raises InvalidMetadataError: a metric is not a number, or ``best_fn`` fails on the metrics.
+        """
+        self._check_open()
+        if self._options.read_only:
+            raise ReadOnlyError(f"this CheckpointManager of {self._root.url} is read-only; save refused")
+        step = _check_step(step)
+        if not force and not self.should_save(step):
+            return False
+        self._writer.wait(self._options.save_timeout)  # a previous background save's error surfaces here
+        self._check_writer_lease()
+        with self._lock:
+            exists = step in self._records
+        if not force and (exists or self._strategy.is_committed(self._root.child(self._step_name(step)))):
+            raise StepAlreadyExistsError(
+                f"step {step} already exists in {self._root.url}; pass force=True to replace it"
+            )
+        stored_metrics = check_metrics(metrics, f"metrics of step {step}") if metrics is not None else None
+        decoded = decode_metrics(stored_metrics)
+        score = self._score(step, decoded, strict=True)
+        if self._options.best_fn is not None and metrics is None:
+            log.warning("step %d saved without metrics while best_fn is set: it is ranked as a step without metrics",
+                        step)
+        composite, items = self._prepare_items(state)
+
+        def job() -> None:
+            try:
+                self._write_step(step, composite, items, stored_metrics, decoded, score, force)
+            finally:
+                with self._lock:
+                    if self._pending_step == step:
+                        self._pending_step = None
+
+        if self._options.enable_async_checkpointing:
+            with self._lock:
+                self._pending_step = step
+            self._writer.submit(job, description=f"save step {step} to {self._root.url}",
+                                timeout=self._options.save_timeout)
+        else:
+            job()
+        return True
+
+    def _prepare_items(self, state: Any) -> tuple[bool, dict[str, tuple[str, Any]]]:
+        copy = self._options.enable_async_checkpointing  # the caller may change its arrays right away
+        entries = dict(state) if isinstance(state, Composite) else {DEFAULT_ITEM: state}
+        items: dict[str, tuple[str, Any]] = {}
+        for name, value in entries.items():
+            if isinstance(value, Json):
+                data = saving.check_json(value.value, f"Json item {name!r}")
+                items[name] = ("json", json.dumps(data, indent=1, ensure_ascii=False, allow_nan=False).encode())
+            else:
+                items[name] = ("pytree", saving.prepare(value, copy=copy))
+        return isinstance(state, Composite), items
+
+    def _write_step(
+        self, step: int, composite: bool, items: dict[str, tuple[str, Any]], stored_metrics: Any,
+        metrics: Any, score: float | None, force: bool,
+    ) -> None:
+        final = self._root.child(self._step_name(step))
+        staging = self._strategy.begin(final)
+        try:
+            described = {}
+            for name, (kind, payload) in items.items():
+                target = staging.child(name)
+                if kind == "json":
+                    target.fs.makedirs(target.path, exist_ok=True)
+                    target.fs.pipe_file(f"{target.path}/{JSON_ITEM_FILE}", payload)
+                    described[name] = {"kind": "json"}
+                else:
+                    doc = saving.write_contents(
+                        payload, target, url=final.child(name).url, format=self._options.array_format,
+                        format_options=self._options.format_options,
+                    )
+                    described[name] = {
+                        "kind": "pytree", "array_formats": sorted(doc["array_formats"]),
+                        "total_bytes": doc["total_bytes"],
+                    }
+            commit_time = time.time()
+            step_doc = {
+                "format": STEP_FORMAT, "format_version": FORMAT_VERSION, "step": step, "commit_time": commit_time,
+                "commit_time_iso": datetime.datetime.fromtimestamp(commit_time, datetime.UTC).isoformat(),
+                "ckptcore_version": _version(), "composite": composite, "items": described,
+                "metrics": stored_metrics,
+            }
+            staging.fs.pipe_file(f"{staging.path.rstrip('/')}/{STEP_FILE}", json.dumps(step_doc, indent=1).encode())
+            self._strategy.commit(staging, final, replace=force)
+        except BaseException as exc:
+            try:
+                self._strategy.abort(staging)
+            except Exception:  # the original failure matters more than the cleanup's
+                pass
+            if isinstance(exc, CheckpointError) or not isinstance(exc, Exception):
+                raise
+            raise StorageError(f"saving step {step} to {final.url} failed: {type(exc).__name__}: {exc}") from exc
+        with self._lock:
+            self._records[step] = StepRecord(step, commit_time, metrics, score)
+            self._names[step] = final.name
+            if self._restored_step is not None and step > self._restored_step:
+                self._restored_step = None  # a newer step is committed: the restored one needs no protection
+        self._apply_retention(just_saved=step)
+
+    # -- retention and deletes ---------------------------------------------------------
+
+    def _apply_retention(self, just_saved: int) -> None:
+        with self._lock:
+            records = [self._records[s] for s in sorted(self._records)]
+            doomed = steps_to_delete(records, self._options)
+            if not doomed:
+                return
+            # Never the step this run restored from (until a newer one is committed), never a
+            # step a reader holds: both are deleted by a later retention pass instead.
+            protected = locks.leased_steps(self._root, clean_expired=True)
+            if self._restored_step is not None:
+                protected.add(self._restored_step)
+            kept = [s for s in doomed if s in protected]
+            if kept:
+                log.info("retention keeps steps %s for now: being read, or restored from", kept)
+            doomed = [s for s in doomed if s not in protected]
+            removed = {s: (self._records.pop(s), self._names.pop(s)) for s in doomed}
+        if not removed:
+            return
+        if self._options.enable_background_delete:
+            self._deleter.submit(lambda: self._delete_removed(removed), description=f"delete steps {sorted(removed)}")
+        else:
+            self._delete_removed(removed)
+
+    def _delete_removed(self, removed: dict[int, tuple[StepRecord, str]]) -> None:
+        errors = []
+        for step, (record, name) in removed.items():
+            try:
+                self._delete_location(self._root.child(name))
+            except Exception as exc:  # keep deleting the others; the step stays listed
+                with self._lock:
+                    self._records[step], self._names[step] = record, name
+                errors.append(f"step {step}: {type(exc).__name__}: {exc}")
+        if errors:
+            raise StorageError(f"retention could not delete some steps of {self._root.url}: " + "; ".join(errors))
+
+    def _delete_location(self, location: Location) -> None:
+        subdir = self._options.todelete_subdir
+        if subdir is None:
+            self._strategy.delete(location)
+            return
+        trash = self._root.child(subdir.strip("/"))
+        fs = location.fs
+        fs.makedirs(trash.path, exist_ok=True)
+        destination = trash.child(location.name)
+        if "file" in _protocols(fs) or "local" in _protocols(fs):
+            fs.mv(location.path, destination.path, recursive=True)  # a rename: the step vanishes at once
+        else:
+            # Object stores have no rename: copy, then delete through the atomicity plugin so the
+            # step is never visible half-deleted.
+            fs.copy(location.path, destination.path, recursive=True)
+            self._strategy.delete(location)
+
+    def delete(self, step: int) -> None:
+        """Delete ``step`` now.
+
+        :raises StepInUseError: a reader (an evaluator, a restore in another process) holds it.
+        """
+        self._check_open()
+        if self._options.read_only:
+            raise ReadOnlyError(f"this CheckpointManager of {self._root.url} is read-only; delete refused")
+        self._writer.wait(self._options.save_timeout)
+        self._deleter.wait(self._options.save_timeout)
+        location = self._step_location(step)
+        if step in locks.leased_steps(self._root):
+            raise StepInUseError(
+                f"step {step} of {self._root.url} is being read (a reader lease in {locks.READERS_DIR}/); "
+                "retry once the reader is done, or let retention delete it later"
+            )
+        try:
+            self._delete_location(location)
+        except OSError as exc:
+            raise StorageError(f"could not delete step {step} at {location.url}: {exc}") from exc
+        with self._lock:
+            self._records.pop(step, None)
+            self._names.pop(step, None)
+            if self._restored_step == step:
+                self._restored_step = None
+
+    def reload(self) -> None:
+        """Re-read the steps from storage (after another process changed the directory)."""
+        self._check_open()
+        if not self._root_doc:
+            try:
+                self._root_doc = read_root_file(self._root) or {}
+            except CheckpointError as exc:
+                log.warning("%s", exc)
+        self._load(list_names(self._root))
+
+    # -- restore -----------------------------------------------------------------------
+
+    def restore(self, step: int | None = None, target: Any = None, *, partial: bool = False) -> Any:
+        """Restore ``step`` (default: the latest committed step).
+
+        :param target: as for :func:`ckptcore.restore` (a tree of arrays or abstract arrays
+            saying shapes, dtypes, shardings); for a composite step a :class:`ckptcore.Composite`
+            naming the items to restore (a subset is fine; an item ``None`` comes back as saved).
+        :param partial: the target(s) may name a subset of the saved leaves.
+        :returns: the tree (a Composite for composite steps; Json items as their values).
+
+        While it reads, the step holds a reader lease, so retention in any process leaves it alone.
+        """
+        self._check_open()
+        step = self._resolve_step(step)
+        location = self._step_location(step)
+        lease = self._reader_lease(step)
+        try:
+            meta = self._read_step_doc(step, location)
+            result = self._restore_items(step, location, meta, target, partial)
+        finally:
+            if lease is not None:
+                lease.release()
+        with self._lock:
+            self._restored_step = step
+        return result
+
+    def _restore_items(self, step: int, location: Location, meta: StepMetadata, target: Any, partial: bool) -> Any:
+        saved = meta.items
+        if isinstance(target, Composite):
+            unknown = sorted(set(target) - set(saved))
+            if unknown:
+                raise TargetMismatchError(
+                    f"step {step} at {location.url} has no item(s) {unknown}; its items are {sorted(saved)}"
+                )
+            wanted = dict(target)
+        elif meta.composite:
+            if target is not None:
+                raise TargetMismatchError(
+                    f"step {step} at {location.url} holds the items {sorted(saved)}; pass a ckptcore.Composite "
+                    "naming the items as target (e.g. Composite(state=abstract_state))"
+                )
+            wanted = dict.fromkeys(saved)
+        else:
+            wanted = {DEFAULT_ITEM: target}
+        out = {}
+        for name, item_target in wanted.items():
+            if name not in saved:
+                raise CorruptCheckpointError(f"step {step} at {location.url} lists no item {name!r}")
+            if saved[name].get("kind") == "json":
+                out[name] = self._read_json_item(step, location, name)
+                continue
+            item_location = location.child(name)
+            doc = self._read_item_index(step, location, name)
+            out[name] = restoring.restore_location(item_location, doc, item_target, partial=partial)
+        return Composite(out) if meta.composite or isinstance(target, Composite) else out[DEFAULT_ITEM]
+
+    def _read_item_index(self, step: int, location: Location, name: str) -> dict[str, Any]:
+        try:
+            return index.read_index(location.child(name))
+        except CheckpointNotFoundError as exc:
+            raise CorruptCheckpointError(
+                f"step {step} at {location.url} is damaged: its item {name!r} has no index. "
+                f"Restore another step (all_steps()) or delete it (delete({step}))."
+            ) from exc
+
+    def _read_json_item(self, step: int, location: Location, name: str) -> Any:
+        path = f"{location.child(name).path}/{JSON_ITEM_FILE}"
+        try:
+            return json.loads(location.fs.cat_file(path))
+        except FileNotFoundError as exc:
+            raise CorruptCheckpointError(f"step {step} at {location.url} is damaged: Json item {name!r} is missing") from exc
+        except ValueError as exc:
+            raise CorruptCheckpointError(
+                f"step {step} at {location.url} is damaged: Json item {name!r} is not valid JSON ({exc})"
+            ) from exc
+
+    def _reader_lease(self, step: int) -> locks.Lease | None:
+        try:
+            return locks.acquire_reader_lease(self._root, step, self._options.lease_ttl_secs)
+        except OSError as exc:  # e.g. read-only credentials: read unprotected rather than not at all
+            log.warning("could not take a reader lease on step %d of %s (%s); reading without it",
+                        step, self._root.url, exc)
+            return None
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _step_name(self, step: int) -> str:
+        with self._lock:
+            name = self._names.get(step)
+        return name or self._layout.step_name(step, self._options.step_prefix, self._options.step_format_fixed_length)
+
+    def _resolve_step(self, step: int | None) -> int:
+        if step is None:
+            latest = self.latest_step()
+            if latest is None:
+                raise CheckpointNotFoundError(f"{self._root.url} holds no committed step yet")
+            return latest
+        return _check_step(step)
+
+    def _step_location(self, step: int) -> Location:
+        with self._lock:
+            name = self._names.get(step)
+        if name is None:
+            # Maybe written by another process since the last listing.
+            candidate = self._root.child(self._step_name(step))
+            if not self._strategy.is_committed(candidate):
+                raise self._not_found(step)
+            return candidate
+        return self._root.child(name)
+
+    def _not_found(self, step: int) -> CheckpointNotFoundError:
+        return CheckpointNotFoundError(
+            f"step {step} is not a committed step of {self._root.url}; steps: {self.all_steps()} "
+            "(call reload() if another process saved it)"
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CheckpointError(f"this CheckpointManager of {self._root.url} is closed")
+
+    def _check_writer_lease(self) -> None:
+        lease = self._writer_lease
+        if lease is not None and lease.lost is not None:
+            raise ConcurrentWriterError(
+                f"this manager lost the writer lock of {self._root.url} ({lease.lost}); it was not refreshed in "
+                f"time (storage stalled for over {lease.ttl} s?). Saving stopped to protect the other writer's steps."
+            )
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def wait_until_finished(self) -> None:
+        """Wait for the background save and deletes; raise the error of a failed one."""
+        try:
+            self._writer.wait()
+        finally:
+            self._deleter.wait()
+
+    def close(self) -> None:
+        """Finish background work (raising its error), then release the writer lock."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.wait_until_finished()
+        finally:
+            if self._writer_lease is not None:
+                self._writer_lease.release()
+                self._writer_lease = None
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception:  # the exception already propagating matters more; this one is logged
+            log.exception("closing the CheckpointManager of %s failed", self._root.url)
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({self._root.url!r}, steps={self.all_steps()})"
+
+
+def _check_step(step: Any) -> int:
+    try:
+        value = operator.index(step)
+    except TypeError:
+        raise TypeError(f"a step is a non-negative integer, got {step!r}") from None
+    if value < 0:
+        raise ValueError(f"a step is a non-negative integer, got {value}")
+    return value
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def _version() -> str:
+    from ckptcore import __version__
+
+    return __version__
