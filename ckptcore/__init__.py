@@ -37,6 +37,12 @@ _LAZY = {
     "ArrayFormatRegistration": "ckptcore.registrations",
     "SaveContext": "ckptcore.registrations",
     "clean": "ckptcore.cleanup",
+    "CheckpointManager": "ckptcore.manager",
+    "CheckpointManagerOptions": "ckptcore.manager_options",
+    "Composite": "ckptcore.composite",
+    "Json": "ckptcore.composite",
+    "checkpoints_iterator": "ckptcore.evaluation",
+    "wait_for_new_checkpoint": "ckptcore.evaluation",
     "Checkpointer": "ckptcore.checkpointer",
     "AsyncCheckpointer": "ckptcore.checkpointer",
 }
@@ -46,7 +52,11 @@ __all__ = ["CheckpointError", "errors", "__version__", *_LAZY]
 if TYPE_CHECKING:
     from ckptcore.checkpointer import AsyncCheckpointer, Checkpointer
     from ckptcore.cleanup import clean
+    from ckptcore.composite import Composite, Json
+    from ckptcore.evaluation import checkpoints_iterator, wait_for_new_checkpoint
     from ckptcore.hookspecs import hookimpl
+    from ckptcore.manager import CheckpointManager
+    from ckptcore.manager_options import CheckpointManagerOptions
     from ckptcore.plugins import PluginInfo, list_plugins, register_plugin, unregister_plugin
     from ckptcore.registrations import (
         ArrayFormatRegistration,

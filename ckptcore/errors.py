@@ -98,6 +98,21 @@ class InvalidMetadataError(CheckpointError, ValueError):
 __all__.append("InvalidMetadataError")
 
 
+class NotACheckpointRootError(CheckpointError, ValueError):
+    """A manager was pointed at something that is not a directory of checkpoint steps."""
+
+
+class ConcurrentWriterError(CheckpointError):
+    """Another live manager holds the writer lock of this checkpoint directory."""
+
+
+class StepInUseError(CheckpointError):
+    """A step cannot be deleted now: a reader holds a live lease on it."""
+
+
+__all__ += ["ConcurrentWriterError", "NotACheckpointRootError", "StepInUseError"]
+
+
 class InvalidOptionError(CheckpointError, ValueError):
     """An option passed to ckptcore has an invalid value (the message names it and what is accepted)."""
 
