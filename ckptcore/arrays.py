@@ -27,6 +27,22 @@ def is_jax_value(value: Any) -> bool:
     return module.startswith(("jax", "jaxlib")) and hasattr(value, "shape") and hasattr(value, "dtype")
 
 
+def jax_available() -> bool:
+    """Whether JAX can be imported (without it, JAX leaves are restored as NumPy arrays)."""
+    global _JAX_AVAILABLE
+    if _JAX_AVAILABLE is None:
+        try:
+            import jax  # noqa: F401
+        except ImportError:
+            _JAX_AVAILABLE = False
+        else:
+            _JAX_AVAILABLE = True
+    return _JAX_AVAILABLE
+
+
+_JAX_AVAILABLE: bool | None = None
+
+
 def full_index(shape: tuple[int, ...]) -> Index:
     return tuple(slice(0, n) for n in shape)
 
@@ -82,7 +98,7 @@ def plan_read(path: KeyPath, record: dict[str, Any], target: Any) -> tuple[ReadR
     """How to read one stored array leaf into what ``target`` asks for (``None``: the default)."""
     saved_shape = tuple(record["shape"])
     saved_dtype = dtype_from_name(record["dtype"])
-    if is_jax_value(target) or (target is None and record["kind"] == "jax_array"):
+    if is_jax_value(target) or (target is None and record["kind"].startswith("jax") and jax_available()):
         from ckptcore import jax_arrays
 
         return jax_arrays.plan_read(path, record, target, saved_shape, saved_dtype)

@@ -10,6 +10,7 @@ import dataclasses
 import datetime
 import json
 import os
+import sys
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -67,6 +68,10 @@ def prepare(
             )
         return record
 
+    if "jax" in sys.modules:  # no jax imported: no jax leaves, and the NumPy path never imports it
+        from ckptcore import jax_arrays
+
+        jax_arrays.start_host_copies(state)  # all device-to-host copies in flight before any is awaited
     tree = encode_tree(state, encode_leaf)
     return PreparedSave(tree, writes)
 

@@ -20,7 +20,7 @@ from ckptcore.errors import CorruptCheckpointError, UnsupportedLeafError
 from ckptcore.keys import KeyPath, format_key_path
 
 Node = dict[str, Any]
-ARRAY_KINDS = ("ndarray", "jax_array")
+ARRAY_KINDS = ("ndarray", "jax_array", "jax_prng_key")
 
 
 def is_namedtuple(value: Any) -> bool:
@@ -142,12 +142,18 @@ def encode_scalar(path: KeyPath, value: Any) -> Node | None:
             )
         data = np.asarray(value).astype(value.dtype.newbyteorder("<"), copy=False).tobytes()
         return {"kind": "numpy_scalar", "dtype": dtype_name(value.dtype), "value": base64.b64encode(data).decode()}
-    return None
+    from ckptcore.numpy_random import encode_generator
+
+    return encode_generator(path, value)
 
 
 def decode_scalar(path: KeyPath, record: Node) -> Any:
     """The value of an inline record."""
     kind, value = record.get("kind"), record.get("value")
+    if kind == "numpy_generator":
+        from ckptcore.numpy_random import decode_generator
+
+        return decode_generator(path, record)
     try:
         if kind in ("bool", "int", "str"):
             expected = {"bool": bool, "int": int, "str": str}[kind]
