@@ -120,7 +120,12 @@ class PluginRegistry:
         """Register a plugin object or module in this process; return its name."""
         self._ensure_loaded()
         with self._lock:
-            registered = self._pm.register(plugin, name=name)
+            try:
+                registered = self._pm.register(plugin, name=name)
+            except ValueError as exc:  # pluggy: this name or this object is registered already
+                raise PluginError(
+                    f"plugin {name or plugin!r} is already registered ({exc}); unregister_plugin() it first"
+                ) from exc
             if registered is None:
                 raise PluginError(f"plugin {name or plugin!r} is already registered or blocked")
             self._infos[registered] = PluginInfo(
@@ -133,6 +138,10 @@ class PluginRegistry:
         """Remove a plugin registered (or loaded) under ``name``."""
         self._ensure_loaded()
         with self._lock:
+            if self._pm.get_plugin(name) is None:
+                raise PluginError(
+                    f"no plugin named {name!r} is registered; registered: {', '.join(sorted(self._infos))}"
+                )
             self._pm.unregister(name=name)
             self._infos.pop(name, None)
             self._cache.clear()

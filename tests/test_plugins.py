@@ -1,0 +1,248 @@
+"""The plugin manager: lazy entry-point loading, environment switches, failures, conflicts (issue 2, item 2)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import ckptcore
+from ckptcore import errors, hookimpl
+from ckptcore.plugins import registry, reset_registry
+from ckptcore.registrations import ArrayFormatRegistration, StorageRegistration
+
+
+@pytest.fixture(autouse=True)
+def fresh_registry(monkeypatch):
+    """Each test starts and ends with a registry reloaded from the real entry points."""
+    for var in ("CKPTCORE_DISABLE_PLUGIN_AUTOLOAD", "CKPTCORE_PLUGINS", "CKPTCORE_BLOCK_PLUGINS"):
+        monkeypatch.delenv(var, raising=False)
+    reset_registry()
+    yield
+    reset_registry()
+
+
+def fake_distribution(root, dist: str, entry_points: dict[str, str], modules: dict[str, str]) -> None:
+    """A real installed distribution (a ``.dist-info`` with ``entry_points.txt``) under ``root``."""
+    info = root / f"{dist.replace('-', '_')}-1.2.3.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
+    (info / "entry_points.txt").write_text(
+        "[ckptcore]\n" + "".join(f"{name} = {target}\n" for name, target in entry_points.items())
+    )
+    for module, source in modules.items():
+        (root / f"{module}.py").write_text(textwrap.dedent(source))
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    """A directory on sys.path where tests install fake distributions."""
+    root = tmp_path / "site"
+    root.mkdir()
+    monkeypatch.syspath_prepend(str(root))
+    yield root
+    importlib.invalidate_caches()
+    for name in [m for m in sys.modules if m.startswith("fake_ckpt_")]:
+        del sys.modules[name]
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+    import os
+
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CKPTCORE_")}
+    full_env.update(env)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env,
+                          timeout=120)
+
+
+def test_import_does_not_load_plugins_and_first_use_does():
+    out = _run(
+        """
+        import sys, json
+        import ckptcore
+        before = sorted(m for m in sys.modules if m.startswith(("ckptcore_", "pluggy", "ckptcore.plugins")))
+        infos = ckptcore.list_plugins()
+        after = sorted(m for m in sys.modules if m.startswith("ckptcore_"))
+        print(json.dumps({"before": before, "after": after, "ts": "tensorstore" in sys.modules,
+                          "names": {i.name: i.status for i in infos}}))
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["before"] == []
+    assert "ckptcore_posix" in result["after"] and "ckptcore_zarr3" in result["after"]
+    assert result["ts"] is False  # loading the zarr3 plugin does not import TensorStore
+    assert result["names"]["posix"] == "loaded" and result["names"]["zarr3"] == "loaded"
+    assert result["names"]["ckptcore.builtin"] == "builtin"
+
+
+def test_disable_autoload_then_register_in_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("CKPTCORE_DISABLE_PLUGIN_AUTOLOAD", "1")
+    reset_registry()
+    assert [i.name for i in ckptcore.list_plugins()] == ["ckptcore.builtin"]
+    with pytest.raises(errors.MissingPluginError, match=r"pip install 'ckptcore\[posix\]'"):
+        ckptcore.save(tmp_path / "ck", {"a": 1})
+    assert not (tmp_path / "ck").exists()
+
+    import ckptcore_posix
+    import ckptcore_zarr3
+
+    assert ckptcore.register_plugin(ckptcore_posix, name="posix") == "posix"
+    ckptcore.save(tmp_path / "scalars", {"a": 1})  # no array: no array format needed
+    with pytest.raises(errors.MissingPluginError, match="no array format plugin"):
+        ckptcore.save(tmp_path / "arrays", {"a": np.ones(3)})
+    assert not (tmp_path / "arrays").exists()
+    ckptcore.register_plugin(ckptcore_zarr3, name="zarr3")
+    ckptcore.save(tmp_path / "arrays", {"a": np.ones(3)})
+    assert ckptcore.restore(tmp_path / "arrays")["a"].sum() == 3
+    statuses = {i.name: i.status for i in ckptcore.list_plugins()}
+    assert statuses == {"ckptcore.builtin": "builtin", "posix": "registered", "zarr3": "registered"}
+    ckptcore.unregister_plugin("zarr3")
+    with pytest.raises(errors.MissingPluginError, match="ocdbt"):
+        ckptcore.restore(tmp_path / "arrays")
+    assert ckptcore.restore(tmp_path / "scalars") == {"a": 1}
+
+
+def test_allow_list(tmp_path, monkeypatch):
+    monkeypatch.setenv("CKPTCORE_PLUGINS", "posix")
+    reset_registry()
+    statuses = {i.name: i.status for i in ckptcore.list_plugins()}
+    assert statuses["posix"] == "loaded" and statuses["zarr3"] == "not allowed"
+    ckptcore.save(tmp_path / "ck", {"a": "scalars only"})
+    with pytest.raises(errors.MissingPluginError):
+        ckptcore.save(tmp_path / "ck2", {"a": np.ones(2)})
+
+
+def test_block_list(monkeypatch):
+    monkeypatch.setenv("CKPTCORE_BLOCK_PLUGINS", " zarr3 , nothing-such ")
+    reset_registry()
+    statuses = {i.name: i.status for i in ckptcore.list_plugins()}
+    assert statuses["zarr3"] == "blocked" and statuses["posix"] == "loaded"
+    with pytest.raises(errors.MissingPluginError, match="zarr3"):
+        registry().array_format("zarr3")
+
+
+def test_env_switches_in_a_fresh_process():
+    out = _run(
+        "import ckptcore, json; print(json.dumps({i.name: i.status for i in ckptcore.list_plugins()}))",
+        CKPTCORE_BLOCK_PLUGINS="posix",
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["posix"] == "blocked"
+    out = _run(
+        "import ckptcore, json; print(json.dumps({i.name: i.status for i in ckptcore.list_plugins()}))",
+        CKPTCORE_DISABLE_PLUGIN_AUTOLOAD="true",
+    )
+    assert json.loads(out.stdout) == {"ckptcore.builtin": "builtin"}
+
+
+def test_plugin_failing_to_import_is_logged_with_its_distribution_and_skipped(site, tmp_path, caplog):
+    fake_distribution(
+        site, "ckptcore-broken", {"broken": "fake_ckpt_broken"},
+        {"fake_ckpt_broken": "raise ImportError('needs libfoo.so')\n"},
+    )
+    fake_distribution(
+        site, "ckptcore-badattr", {"badattr": "fake_ckpt_badattr:does_not_exist"},
+        {"fake_ckpt_badattr": "X = 1\n"},
+    )
+    importlib.invalidate_caches()
+    reset_registry()
+    with caplog.at_level(logging.WARNING, logger="ckptcore.plugins"):
+        infos = {i.name: i for i in ckptcore.list_plugins()}
+    assert infos["broken"].status.startswith("failed: ImportError: needs libfoo.so")
+    assert infos["broken"].distribution == "ckptcore-broken" and infos["broken"].version == "1.2.3"
+    assert infos["badattr"].status.startswith("failed:")
+    assert "ckptcore-broken" in caplog.text and "needs libfoo.so" in caplog.text and "skipped" in caplog.text
+    # the other plugins keep working
+    ckptcore.save(tmp_path / "ck", {"a": np.arange(4)})
+    assert ckptcore.restore(tmp_path / "ck")["a"].tolist() == [0, 1, 2, 3]
+
+
+STORAGE_PLUGIN = """
+    from ckptcore import hookimpl
+    from ckptcore.registrations import StorageRegistration, ArrayFormatRegistration
+
+    class Backend:
+        def resolve(self, url, options):
+            raise RuntimeError("not used")
+
+    @hookimpl
+    def ckptcore_storage_backends():
+        return [StorageRegistration(schemes=("dup",), backend=Backend())]
+
+    @hookimpl
+    def ckptcore_array_formats():
+        return [ArrayFormatRegistration(name="dupfmt", format=object())]
+"""
+
+
+def test_conflicting_distributions_are_named(site):
+    fake_distribution(site, "ckptcore-alpha", {"alpha": "fake_ckpt_alpha"}, {"fake_ckpt_alpha": STORAGE_PLUGIN})
+    fake_distribution(site, "ckptcore-beta", {"beta": "fake_ckpt_beta"}, {"fake_ckpt_beta": STORAGE_PLUGIN})
+    importlib.invalidate_caches()
+    reset_registry()
+    with pytest.raises(errors.PluginConflictError) as err:
+        ckptcore.restore("dup://x/y")
+    message = str(err.value)
+    assert "ckptcore-alpha" in message and "ckptcore-beta" in message and "'dup'" in message
+    assert "CKPTCORE_BLOCK_PLUGINS" in message
+    with pytest.raises(errors.PluginConflictError, match=r"ckptcore-alpha.*ckptcore-beta"):
+        registry().array_format("dupfmt")
+    # other schemes are unaffected by the conflict
+    assert registry().storage("file").distribution == "ckptcore-posix"
+
+
+def test_conflict_with_an_in_process_plugin(tmp_path):
+    class Shadow:
+        @hookimpl
+        def ckptcore_array_formats(self):
+            return [ArrayFormatRegistration(name="ocdbt", format=object())]
+
+    ckptcore.register_plugin(Shadow(), name="shadow")
+    with pytest.raises(errors.PluginConflictError, match="ckptcore-zarr3"):
+        ckptcore.save(tmp_path / "ck", {"a": np.ones(2)})
+    assert not (tmp_path / "ck").exists()
+    ckptcore.unregister_plugin("shadow")
+    ckptcore.save(tmp_path / "ck", {"a": np.ones(2)})
+
+
+def test_registering_twice_is_an_error():
+    class P:
+        @hookimpl
+        def ckptcore_storage_backends(self):
+            return []
+
+    ckptcore.register_plugin(P(), name="p")
+    with pytest.raises(errors.PluginError, match="already registered"):
+        ckptcore.register_plugin(P(), name="p")
+
+
+def test_hook_that_raises_is_a_plugin_error_naming_it(tmp_path):
+    class Exploding:
+        @hookimpl
+        def ckptcore_storage_backends(self):
+            raise RuntimeError("boom")
+
+    ckptcore.register_plugin(Exploding(), name="exploding")
+    with pytest.raises(errors.PluginError, match=r"exploding.*boom.*CKPTCORE_BLOCK_PLUGINS=exploding"):
+        ckptcore.save(tmp_path / "ck", {"a": 1})
+
+
+def test_registrations_carry_their_distribution():
+    reg = registry().array_format("ocdbt")
+    assert reg.distribution == "ckptcore-zarr3" and reg.plugin_version
+    assert registry().storage("file").distribution == "ckptcore-posix"
+    assert registry().atomicity("file").name == "rename"
+    storage_regs = [r for r in registry()._collect("ckptcore_storage_backends") if isinstance(r, StorageRegistration)]
+    assert all(r.distribution for r in storage_regs)
+
+
+def test_unregistering_an_unknown_name_is_an_error():
+    with pytest.raises(errors.PluginError, match=r"no plugin named .nope.*posix"):
+        ckptcore.unregister_plugin("nope")
