@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 DEFAULT_CHUNK_BYTES = 16 << 20
-SAMPLE_BYTES = 256 << 10
+SAMPLE_BYTES = 64 << 10
+SAMPLE_PIECES = 4
 COMPRESS_IF_RATIO_BELOW = 0.9
 
 # dtypes TensorStore's zarr3 driver cannot store natively are written as raw bytes.
@@ -42,12 +43,22 @@ def chunk_shape(shape: tuple[int, ...], itemsize: int, target_bytes: int, hint: 
 
 
 def worth_compressing(data: np.ndarray) -> bool:
-    """Whether zstd is likely to pay, judged on a sample (fast zlib level 1 as a proxy)."""
-    flat = data.reshape(-1) if data.flags.c_contiguous else np.ascontiguousarray(data[(0,) * max(0, data.ndim - 1)])
-    sample = memoryview(np.ascontiguousarray(flat[: max(1, SAMPLE_BYTES // max(1, flat.itemsize))]).view(np.uint8))
-    if len(sample) < 64:
+    """Whether zstd is likely to pay, judged on samples (fast zlib level 1 as a proxy).
+
+    ``SAMPLE_PIECES`` pieces spread over the array, ``SAMPLE_BYTES`` in all: a few
+    milliseconds per array, and a zero-padded tail or a constant head cannot fool it alone.
+    """
+    flat = data.reshape(-1) if data.flags.c_contiguous else data[(0,) * max(0, data.ndim - 1)]
+    piece = max(1, SAMPLE_BYTES // SAMPLE_PIECES // max(1, flat.itemsize))
+    if flat.size <= piece * SAMPLE_PIECES:
+        pieces = [flat]
+    else:
+        step = (flat.size - piece) // (SAMPLE_PIECES - 1)
+        pieces = [flat[k * step : k * step + piece] for k in range(SAMPLE_PIECES)]
+    raw = b"".join(np.ascontiguousarray(p).view(np.uint8).tobytes() for p in pieces)
+    if len(raw) < 64:
         return False
-    return len(zlib.compress(sample, 1)) < COMPRESS_IF_RATIO_BELOW * len(sample)
+    return len(zlib.compress(raw, 1)) < COMPRESS_IF_RATIO_BELOW * len(raw)
 
 
 def codecs(compress: bool, level: int) -> list[dict[str, Any]]:
