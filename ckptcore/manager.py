@@ -481,7 +481,8 @@ class CheckpointManager:
         :param metrics: numbers describing the step (``{"loss": 0.1}``), stored with it,
             returned by :meth:`metrics` and ranked by ``best_fn``.
         :param force: save even if not due, and replace the step if it exists.
-        :raises StepAlreadyExistsError: ``step`` exists and ``force`` is false.
+        :raises StepAlreadyExistsError: ``step`` exists and ``force`` is false (checked before
+            ``should_save``, so saving an existing step is an error, not a silent no-op).
         :raises ReadOnlyError: the manager is read-only.
         :raises InvalidMetadataError: a metric is not a number, or ``best_fn`` fails on the metrics.
         """
@@ -489,15 +490,22 @@ class CheckpointManager:
         if self._options.read_only:
             raise ReadOnlyError(f"this CheckpointManager of {self._root.url} is read-only; save refused")
         step = _check_step(step)
+        with self._lock:
+            exists = step in self._records or step == self._pending_step
+        if exists and not force:
+            hint = " (it is the latest step: a resumed loop starts at latest_step() + 1)" if (
+                step == self.latest_step()) else ""
+            raise StepAlreadyExistsError(
+                f"step {step} already exists in {self._root.url}{hint}; pass force=True to replace it"
+            )
         if not force and not self.should_save(step):
             return False
         self._writer.wait(self._options.save_timeout)  # a previous background save's error surfaces here
         self._check_writer_lease()
-        with self._lock:
-            exists = step in self._records
-        if not force and (exists or self._strategy.is_committed(self._root.child(self._step_name(step)))):
+        if not force and self._strategy.is_committed(self._root.child(self._step_name(step))):
             raise StepAlreadyExistsError(
-                f"step {step} already exists in {self._root.url}; pass force=True to replace it"
+                f"step {step} already exists in {self._root.url} (saved by another process since this manager "
+                "listed the steps: call reload()); pass force=True to replace it"
             )
         stored_metrics = check_metrics(metrics, f"metrics of step {step}") if metrics is not None else None
         decoded = decode_metrics(stored_metrics)
