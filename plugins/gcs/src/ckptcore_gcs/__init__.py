@@ -1,0 +1,37 @@
+"""ckptcore plugin for Google Cloud Storage: ``gs://bucket/path`` (and ``gcs://``).
+
+Small files (the index, the commit markers) and listings go through gcsfs; array data
+through TensorStore's ``gcs`` kvstore. Checkpoints become visible through a commit marker
+written last (:class:`ckptcore.object_store.CommitMarker`).
+
+Credentials: application default credentials, ``GOOGLE_APPLICATION_CREDENTIALS``, or
+``storage_options={"token": ...}``. Emulators: ``STORAGE_EMULATOR_HOST`` or
+``storage_options={"endpoint": "http://127.0.0.1:4443"}``. Other options: ``project``,
+``user_project`` (requester pays), ``request_concurrency``, and the retry bounds
+``retries``, ``retry_delay``, ``retry_max_delay``, ``timeout``.
+"""
+
+from __future__ import annotations
+
+from ckptcore.hookspecs import hookimpl
+from ckptcore.object_store import CommitMarker
+from ckptcore.registrations import AtomicityRegistration, StorageRegistration
+from ckptcore_gcs.backend import CREDENTIALS_HINT, GCSBackend
+
+SCHEMES = ("gs", "gcs")
+
+__all__ = ["SCHEMES", "GCSBackend"]
+
+
+@hookimpl
+def ckptcore_storage_backends() -> list[StorageRegistration]:
+    return [StorageRegistration(schemes=SCHEMES, backend=GCSBackend())]
+
+
+@hookimpl
+def ckptcore_atomicity_strategies() -> list[AtomicityRegistration]:
+    return [
+        AtomicityRegistration(
+            schemes=SCHEMES, strategy=CommitMarker(credentials_hint=CREDENTIALS_HINT), name="commit-marker"
+        )
+    ]

@@ -1,0 +1,142 @@
+"""Resolving ``gs://bucket/path`` URLs: a gcsfs filesystem and a TensorStore ``gcs`` kvstore spec."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from ckptcore.errors import StorageError
+from ckptcore.object_store import RETRY_OPTION_KEYS, RetryPolicy, cached_filesystem, storage_error
+from ckptcore.registrations import Location
+
+log = logging.getLogger("ckptcore_gcs")
+
+OPTION_KEYS = ("endpoint", "project", "token", "user_project", "request_concurrency", *RETRY_OPTION_KEYS)
+CREDENTIALS_HINT = (
+    "Use application default credentials (gcloud auth application-default login), set "
+    "GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, or pass storage_options={'token': ...}."
+)
+
+# TensorStore's gcs driver has no endpoint member: it reads TENSORSTORE_GCS_HTTP_URL each
+# time a store is opened. We set it from the endpoint in use (and put back the user's own
+# value for real GCS), so one process talks to one GCS endpoint at a time.
+_TS_URL = "TENSORSTORE_GCS_HTTP_URL"
+_env_lock = threading.Lock()
+_user_ts_url = os.environ.get(_TS_URL)
+
+
+def emulator_endpoint(options: Mapping[str, Any]) -> str | None:
+    """The endpoint from ``options`` or ``STORAGE_EMULATOR_HOST``, as an http(s) URL (None: real GCS)."""
+    endpoint = options.get("endpoint") or os.environ.get("STORAGE_EMULATOR_HOST")
+    if not endpoint:
+        return None
+    endpoint = str(endpoint).rstrip("/")
+    return endpoint if "://" in endpoint else f"http://{endpoint}"
+
+
+def _point_tensorstore_at(endpoint: str | None) -> None:
+    with _env_lock:
+        wanted = endpoint or _user_ts_url
+        if wanted is None:
+            os.environ.pop(_TS_URL, None)
+        elif os.environ.get(_TS_URL) != wanted:
+            os.environ[_TS_URL] = wanted
+
+
+class GCSBackend:
+    """``gs://`` (and ``gcs://``) URLs."""
+
+    def resolve(self, url: str, options: Mapping[str, Any]) -> Location:
+        scheme, _, rest = url.partition("://")
+        bucket, _, key = rest.partition("/")
+        key = key.strip("/")
+        if not bucket:
+            raise StorageError(f"{url} names no bucket: use gs://BUCKET/path/to/checkpoint")
+        unknown = sorted(set(options) - set(OPTION_KEYS) - {k for k in options if k.startswith("_ckptcore")})
+        if unknown:
+            raise StorageError(
+                f"unknown storage_options {unknown} for {url}; the gcs plugin accepts {', '.join(OPTION_KEYS)}"
+            )
+        policy = RetryPolicy.from_options(options)
+        endpoint = emulator_endpoint(options)
+        _point_tensorstore_at(endpoint)
+        fs_options = {k: options[k] for k in OPTION_KEYS if k in options and k != "request_concurrency"}
+        fs_options["endpoint"] = endpoint
+        try:
+            fs = cached_filesystem("gs", fs_options, lambda: _make_filesystem(endpoint, options, policy))
+        except Exception as exc:
+            raise storage_error(exc, url, "connecting to GCS for", credentials_hint=CREDENTIALS_HINT) from exc
+        context: dict[str, Any] = {"gcs_request_retries": policy.tensorstore()}
+        if "request_concurrency" in options:
+            context["gcs_request_concurrency"] = {"limit": int(options["request_concurrency"])}
+        if options.get("user_project"):
+            context["gcs_user_project"] = {"project_id": str(options["user_project"])}
+        kvstore = {"driver": "gcs", "bucket": bucket, "path": f"{key}/" if key else "", "context": context}
+        path = f"{bucket}/{key}" if key else bucket
+        return Location(
+            url=f"{scheme}://{path}", scheme=scheme, fs=fs, path=path, kvstore=kvstore, options=dict(options)
+        )
+
+
+def _make_filesystem(endpoint: str | None, options: Mapping[str, Any], policy: RetryPolicy) -> Any:
+    token = options.get("token")
+    if token is None:
+        # An emulator needs no credentials; real GCS must not fall back to anonymous
+        # access silently (gcsfs's default), which would turn a missing login into 403s.
+        token = "anon" if endpoint else "google_default"
+    project = options.get("project") or os.environ.get("GOOGLE_CLOUD_PROJECT") or ("test" if endpoint else None)
+    cls = _retrying_filesystem_class()
+    kwargs: dict[str, Any] = {
+        "token": token, "project": project, "requests_timeout": policy.timeout,
+        "skip_instance_cache": True, "use_listings_cache": False,  # TensorStore writes beside us: never list stale
+        "requester_pays": options.get("user_project") or False,
+    }
+    if endpoint:
+        kwargs["endpoint_url"] = endpoint
+    fs = cls(**kwargs)
+    fs.ckptcore_retry_policy = policy
+    return fs
+
+
+_cls: Any = None
+
+
+def _retrying_filesystem_class() -> Any:
+    """GCSFileSystem whose request retries follow :class:`RetryPolicy` (gcsfs hard-codes 6 tries)."""
+    global _cls
+    if _cls is not None:
+        return _cls
+    import gcsfs
+    from gcsfs.retry import is_retriable
+
+    inner = gcsfs.GCSFileSystem._request.__wrapped__
+
+    class GaveUp(OSError):
+        """Retries exhausted: an OSError, which gcsfs's upload wrappers do not retry again."""
+
+    class RetryingGCSFileSystem(gcsfs.GCSFileSystem):
+        ckptcore_retry_policy = RetryPolicy()
+
+        async def _request(self, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+            policy = self.ckptcore_retry_policy
+            for attempt in range(policy.retries + 1):
+                try:
+                    return await inner(self, method, path, *args, **kwargs)
+                except Exception as exc:
+                    retriable = is_retriable(exc) or isinstance(exc, (asyncio.TimeoutError, ConnectionError))
+                    if not retriable:
+                        raise
+                    if attempt == policy.retries:
+                        raise GaveUp(
+                            f"{method} request failed after {policy.retries} retries: {type(exc).__name__}: {exc}"
+                        ) from exc
+                    log.debug("retrying %s after %s", method, exc)
+                    await asyncio.sleep(policy.delay(attempt))
+            raise AssertionError("unreachable")
+
+    _cls = RetryingGCSFileSystem
+    return _cls
