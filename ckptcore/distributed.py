@@ -1,0 +1,901 @@
+"""Many JAX processes saving and restoring one checkpoint together.
+
+Coordination goes through JAX's own distributed runtime (``jax.distributed``): its
+key-value store and nothing else. No device collective is used to coordinate, so a save
+works on CPU and while accelerators are busy.
+
+The protocol of one collective save (every active process calls ``save`` with the same
+arguments, in the same order, like any JAX collective):
+
+1. The primary process checks the target, begins the atomic commit and publishes where
+   the data goes (the staging location); the others wait for it.
+2. Every process writes the shards it owns (replica 0 of each of its addressable shards;
+   NumPy leaves only on the primary) with the array format into its own directory
+   ``<format>/process_<i>/`` (an OCDBT database needs a single writer, and per-process
+   directories make any third-party format safe too), then publishes what it wrote
+   (format info, shard indices, checksums) as JSON. Publishing comes after the format's
+   write returned, i.e. after the data is durable.
+3. The primary gathers every process's report (proof that every shard is durable), checks
+   that each array is covered exactly once, writes the index and commits, then publishes
+   the outcome. Nobody returns before the outcome: the checkpoint is visible on return.
+
+Any process that fails publishes its error in the slot the others wait on, so a failure on
+one process becomes a :class:`CheckpointError` naming it on all; a process that dies is
+noticed by the timeout of every wait.
+
+Reading needs no coordination: each index record of a multi-process save lists, per
+writer, the shard regions it holds (``format_info["writers"]``), and
+:func:`read_arrays` reads every requested region from the writers that hold it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ckptcore.errors import (
+    AlreadyExistsError,
+    CheckpointError,
+    CheckpointTimeoutError,
+    CorruptCheckpointError,
+    StorageError,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ckptcore.registrations import ArrayFormat, Location, ProgressCallback, ReadRequest
+    from ckptcore.saving import PreparedSave
+
+KEY_PREFIX = "ckptcore"
+DEFAULT_TIMEOUT_S = 300.0
+VALUE_PART_BYTES = 1 << 20  # larger KV values are split into parts (the runtime's messages are bounded)
+
+
+class ProcessFailedError(CheckpointError):
+    """Another process of a collective checkpoint operation failed or stopped answering."""
+
+
+# -- options and groups ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MultiprocessOptions:
+    """How the processes of a ``jax.distributed`` job cooperate on checkpoints.
+
+    :param primary: the process that creates the staging location, writes the index,
+        commits, decides for a manager and deletes old steps.
+    :param processes: the JAX process indices taking part (default: all). Only they may
+        call save/restore; arrays must live on their devices.
+    :param timeout_s: the longest any process waits for another (covers the slowest
+        process's writes); past it the wait fails with an error naming the late process.
+    :param single_replica_restore: read each replicated array once (on the replica whose
+        devices come first along ``replica_axis``) and broadcast it to the other replicas
+        through JAX instead of every replica reading it from storage.
+    :param replica_axis: the mesh axis along which arrays are replicated (default: the
+        first mesh axis a leaf's partition spec does not use).
+    """
+
+    primary: int = 0
+    processes: tuple[int, ...] | None = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    single_replica_restore: bool = False
+    replica_axis: str | None = None
+
+
+_default_options = MultiprocessOptions()
+_options_var: contextvars.ContextVar[MultiprocessOptions | None] = contextvars.ContextVar(
+    "ckptcore_multiprocess_options", default=None
+)
+
+
+def set_multiprocess_options(options: MultiprocessOptions | None = None, **changes: Any) -> MultiprocessOptions:
+    """Set the process-wide multi-process options (``None``: the defaults); return them."""
+    global _default_options
+    base = options or MultiprocessOptions()
+    _default_options = _replace_options(base, changes)
+    return _default_options
+
+
+@contextlib.contextmanager
+def multiprocess_options(options: MultiprocessOptions | None = None, **changes: Any) -> Iterator[MultiprocessOptions]:
+    """Use other multi-process options for the calls made inside the ``with`` block."""
+    chosen = _replace_options(options or current_options(), changes)
+    token = _options_var.set(chosen)
+    try:
+        yield chosen
+    finally:
+        _options_var.reset(token)
+
+
+def current_options() -> MultiprocessOptions:
+    return _options_var.get() or _default_options
+
+
+def _replace_options(options: MultiprocessOptions, changes: Mapping[str, Any]) -> MultiprocessOptions:
+    import dataclasses
+
+    if "processes" in changes and changes["processes"] is not None:
+        changes = {**changes, "processes": tuple(int(p) for p in changes["processes"])}
+    try:
+        return dataclasses.replace(options, **changes)
+    except TypeError as exc:
+        raise CheckpointError(f"unknown multi-process option: {exc}") from exc
+
+
+def _jax_distributed() -> Any:
+    """JAX's distributed state, or ``None`` when JAX is not imported or not initialised."""
+    if "jax" not in sys.modules:  # never import JAX for a NumPy-only user
+        return None
+    from jax._src import distributed as jd
+
+    state = jd.global_state
+    return state if state.client is not None else None
+
+
+def process_index() -> int:
+    """This process's index in the ``jax.distributed`` job (0 without one)."""
+    state = _jax_distributed()
+    return int(state.process_id) if state is not None else 0
+
+
+def process_count() -> int:
+    """The number of processes in the ``jax.distributed`` job (1 without one)."""
+    state = _jax_distributed()
+    return int(state.num_processes) if state is not None else 1
+
+
+@dataclass
+class ProcessGroup:
+    """The processes that take part in collective checkpoint operations, and their KV scopes."""
+
+    processes: tuple[int, ...]
+    primary: int
+    me: int
+    timeout_s: float
+    client: Any = field(repr=False)
+    tag: str = ""
+    _seq: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _done_below: int = 0  # scopes under this number are finished everywhere (their keys deleted)
+
+    @property
+    def is_primary(self) -> bool:
+        return self.me == self.primary
+
+    @property
+    def size(self) -> int:
+        return len(self.processes)
+
+    def scope(self, what: str) -> Scope:
+        """The next collective operation's key namespace (every process calls in the same order)."""
+        with self._lock:
+            self._seq += 1
+            return Scope(self, self._seq, what)
+
+
+_groups: dict[tuple[Any, ...], ProcessGroup] = {}
+_groups_lock = threading.Lock()
+
+
+def current_group(options: MultiprocessOptions | None = None) -> ProcessGroup | None:
+    """The group of the current options, or ``None`` when this is a single-process job.
+
+    A group of one process (a one-process subset) is also ``None``: nothing to coordinate.
+    """
+    state = _jax_distributed()
+    if state is None or int(state.num_processes) <= 1:
+        return None
+    opts = options or current_options()
+    count, me = int(state.num_processes), int(state.process_id)
+    processes = tuple(sorted(set(opts.processes))) if opts.processes is not None else tuple(range(count))
+    bad = [p for p in processes if not 0 <= p < count]
+    if bad or not processes:
+        raise CheckpointError(f"multi-process option processes={list(processes)} names processes outside 0..{count - 1}")
+    if opts.primary not in processes:
+        raise CheckpointError(
+            f"the primary process {opts.primary} is not among the active processes {list(processes)}; "
+            "pick a primary from that list"
+        )
+    if me not in processes:
+        raise CheckpointError(
+            f"process {me} called a collective checkpoint operation but is not among the active processes "
+            f"{list(processes)}; call it only on those processes, or add {me} to MultiprocessOptions.processes"
+        )
+    if len(processes) == 1:
+        return None
+    key = (id(state.client), processes, opts.primary, opts.timeout_s)
+    with _groups_lock:
+        group = _groups.get(key)
+        if group is None:
+            tag = hashlib.sha1(f"{processes}|{opts.primary}".encode()).hexdigest()[:10]
+            group = ProcessGroup(processes, opts.primary, me, float(opts.timeout_s), state.client, tag=tag)
+            _groups[key] = group
+        return group
+
+
+# -- key-value protocol ----------------------------------------------------------------
+
+
+@dataclass
+class Scope:
+    """The keys of one collective operation: ``ckptcore/<group>/<seq>/...``."""
+
+    group: ProcessGroup
+    seq: int
+    what: str
+
+    def key(self, name: str) -> str:
+        return f"{KEY_PREFIX}/{self.group.tag}/{self.seq}/{name}"
+
+    def deadline(self) -> float:
+        return time.monotonic() + self.group.timeout_s
+
+    # The value of every slot is {"ok": value} or {"error": message, "process": index}.
+
+    def put(self, name: str, value: Any) -> None:
+        _put(self.group.client, self.key(name), {"ok": value})
+
+    def put_error(self, name: str, exc: BaseException) -> None:
+        """Publish this process's failure where the others wait; never raises."""
+        message = f"{type(exc).__name__}: {exc}"
+        try:
+            _put(self.group.client, self.key(name), {"error": message[:4000], "process": self.group.me})
+        except Exception:  # the slot may be set already, or the service gone: the others time out
+            pass
+
+    def get(self, name: str, from_process: int, deadline: float) -> Any:
+        """The value process ``from_process`` published under ``name``; raises its error."""
+        doc = _get(self.group.client, self.key(name), deadline, self._waiting_for(name, from_process))
+        if "error" in doc:
+            raise ProcessFailedError(
+                f"process {doc.get('process', from_process)} failed during {self.what}: {doc['error']}"
+            )
+        return doc["ok"]
+
+    def _waiting_for(self, name: str, process: int) -> str:
+        return f"process {process} (step {name!r} of {self.what}, waited {self.group.timeout_s:g} s)"
+
+    def broadcast(self, name: str, compute: Callable[[], Any]) -> Any:
+        """The primary computes a value and publishes it; every process returns it (or its error)."""
+        if self.group.is_primary:
+            try:
+                value = compute()
+            except BaseException as exc:
+                self.put_error(name, exc)
+                raise
+            self.put(name, value)
+            return value
+        return self.get(name, self.group.primary, self.deadline())
+
+    def gather(self, name: str, value: Any) -> list[Any] | None:
+        """Every process publishes ``value``; the primary returns them all (in process order)."""
+        self.put(f"{name}/{self.group.me}", value)
+        if not self.group.is_primary:
+            return None
+        deadline = self.deadline()
+        values = [self.get(f"{name}/{p}", p, deadline) for p in self.group.processes]
+        self._forget_earlier()
+        return values
+
+    def _forget_earlier(self) -> None:
+        """Delete the keys of scopes every process has passed (they published in this one)."""
+        group = self.group
+        with group._lock:
+            old = range(group._done_below, self.seq)
+            group._done_below = self.seq
+        if not old:
+            return
+
+        def delete() -> None:
+            for seq in old:
+                try:
+                    group.client.key_value_delete(f"{KEY_PREFIX}/{group.tag}/{seq}")
+                except Exception:  # deletion only frees memory in the coordinator
+                    return
+
+        threading.Thread(target=delete, name="ckptcore-kv-cleanup", daemon=True).start()
+
+
+def _put(client: Any, key: str, doc: Any) -> None:
+    text = json.dumps(doc, separators=(",", ":"))
+    if len(text) <= VALUE_PART_BYTES:
+        client.key_value_set(key, text)
+        return
+    parts = [text[i : i + VALUE_PART_BYTES] for i in range(0, len(text), VALUE_PART_BYTES)]
+    for i, part in enumerate(parts):
+        client.key_value_set(f"{key}.part/{i}", part)
+    client.key_value_set(key, json.dumps({"parts": len(parts)}))  # last: readers see every part
+
+
+def _get(client: Any, key: str, deadline: float, waiting_for: str) -> Any:
+    text = _blocking_get(client, key, deadline, waiting_for)
+    doc = json.loads(text)
+    if isinstance(doc, dict) and set(doc) == {"parts"}:
+        text = "".join(_blocking_get(client, f"{key}.part/{i}", deadline, waiting_for) for i in range(doc["parts"]))
+        doc = json.loads(text)
+    return doc
+
+
+def _blocking_get(client: Any, key: str, deadline: float, waiting_for: str) -> str:
+    remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
+    try:
+        return str(client.blocking_key_value_get(key, remaining_ms))
+    except Exception as exc:
+        text = str(exc)
+        if "DEADLINE_EXCEEDED" in text or "timed out" in text.lower():
+            raise CheckpointTimeoutError(
+                f"timed out waiting for {waiting_for}: that process died, hangs, or did not make the same "
+                "checkpoint call; every process of the job must call it in the same order"
+            ) from exc
+        raise ProcessFailedError(
+            f"the JAX distributed runtime failed while waiting for {waiting_for}: {text.splitlines()[0] if text else exc}"
+        ) from exc
+
+
+# -- collective save -------------------------------------------------------------------
+
+
+@dataclass
+class CollectiveSave:
+    """A save's group and scope, fixed when the save is prepared (in the caller's thread)."""
+
+    group: ProcessGroup
+    scope: Scope
+
+
+def plan_collective(group: ProcessGroup | None = None) -> CollectiveSave | None:
+    """The collective context of a save about to be prepared, or ``None`` for one process."""
+    group = group or current_group()
+    return CollectiveSave(group, group.scope("save")) if group is not None else None
+
+
+def write(
+    prepared: PreparedSave,
+    collective: CollectiveSave,
+    path: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    format: str | None = None,
+    format_options: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    progress: ProgressCallback | None = None,
+    before_commit: Callable[[], None] | None = None,
+) -> Location:
+    """The collective version of :func:`ckptcore.saving.write`; every process calls it."""
+    from ckptcore import storage
+
+    location = storage.resolve(path, storage_options)
+
+    def body(staging: Location) -> None:
+        write_contents(
+            prepared, collective, staging, url=location.url, format=format, format_options=format_options,
+            metadata=metadata, progress=progress,
+        )
+
+    commit_collectively(collective, location, body, force=force, before_commit=before_commit)
+    return location
+
+
+def commit_collectively(
+    collective: CollectiveSave,
+    final: Location,
+    body: Callable[[Location], Any],
+    *,
+    force: bool = False,
+    before_commit: Callable[[], None] | None = None,
+) -> None:
+    """Begin on the primary, run ``body(staging)`` on every process, commit on the primary.
+
+    ``before_commit`` runs on the primary right before the commit (raising aborts the save).
+    Returns on every process once the commit is visible; raises on every process when any
+    of them failed (the staging data is then removed and nothing is committed).
+    """
+    from ckptcore import storage
+
+    scope, group = collective.scope, collective.group
+    strategy = storage.atomicity(final)
+
+    def begin() -> str:
+        if not force and strategy.is_committed(final):
+            raise AlreadyExistsError(f"a checkpoint already exists at {final.url}; pass force=True to replace it")
+        staging = strategy.begin(final)
+        return _relative_name(final, staging)
+
+    try:
+        name = scope.broadcast("staging", begin)
+    except BaseException as exc:
+        scope.put_error(f"written/{group.me}", exc)
+        raise
+    staging = _staging_location(final, name)
+    try:
+        body(staging)
+    except BaseException as exc:
+        scope.put_error(f"written/{group.me}", exc)
+        if group.is_primary:
+            scope.put_error("outcome", exc)
+            _abort(strategy, staging)
+        if isinstance(exc, CheckpointError) or not isinstance(exc, Exception):
+            raise
+        raise StorageError(f"saving {final.url} failed on process {group.me}: {type(exc).__name__}: {exc}") from exc
+
+    def commit() -> str:
+        if before_commit is not None:
+            before_commit()
+        strategy.commit(staging, final, replace=force)
+        return "committed"
+
+    try:
+        scope.broadcast("outcome", commit)
+    except BaseException as exc:
+        if group.is_primary:
+            _abort(strategy, staging)
+        if isinstance(exc, CheckpointError) or not isinstance(exc, Exception):
+            raise
+        raise StorageError(f"committing {final.url} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _abort(strategy: Any, staging: Location) -> None:
+    try:
+        strategy.abort(staging)
+    except Exception:  # the original failure matters more than the cleanup's
+        pass
+
+
+def _relative_name(final: Location, staging: Location) -> str:
+    """How the others find ``staging``: "" (in place), a sibling's name, or a full URL."""
+    if staging.url == final.url:
+        return ""
+    if staging.parent().url == final.parent().url:
+        return "sibling:" + staging.name
+    return "url:" + staging.url
+
+
+def _staging_location(final: Location, name: str) -> Location:
+    from ckptcore import storage
+
+    if not name:
+        return final
+    if name.startswith("sibling:"):
+        return final.parent().child(name[len("sibling:") :])
+    return storage.resolve(name[len("url:") :], final.options)
+
+
+def write_contents(
+    prepared: PreparedSave,
+    collective: CollectiveSave,
+    staging: Location,
+    *,
+    url: str,
+    format: str | None = None,
+    format_options: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    progress: ProgressCallback | None = None,
+    item: str = "",
+) -> dict[str, Any] | None:
+    """Write this process's shards into ``staging``; the primary also writes the index.
+
+    ``item`` names the checkpoint within the operation when one commit holds several (a
+    manager's items); every process passes the same. Returns the index on the primary.
+    """
+    from ckptcore import saving
+    from ckptcore.plugins import registry
+
+    scope, group = collective.scope, collective.group
+    user_metadata = saving.check_json(dict(metadata or {}), "checkpoint metadata")
+    format_name = format or (registry().default_array_format() if prepared.writes else "")
+    fmt = registry().array_format(format_name) if prepared.writes else None
+    prefix = f"{item}/" if item else ""
+    # 1. Who writes what: a leaf that several processes hold whole (NumPy leaves, process-local
+    # jax arrays) is written once, by the primary if it holds it, else by the lowest holder.
+    try:
+        whole = [i for i, w in enumerate(prepared.writes) if _holds_whole(w)]
+        plan = {"tree": _tree_digest(prepared), "whole": whole}
+    except BaseException as exc:
+        scope.put_error(f"{prefix}plan/{group.me}", exc)
+        raise
+    plans = scope.gather(f"{prefix}plan", plan)
+    assignment = scope.broadcast(f"{prefix}assign", lambda: _assign(plans or [], group, url))
+    writers = {int(k): v for k, v in assignment.items()}
+    # 2. Every process writes its part into its own directory, then reports it.
+    mine = [
+        (i, w) for i, w in enumerate(prepared.writes)
+        if w.request.shards and writers.get(i, group.me) == group.me
+    ]
+    try:
+        leaves: list[dict[str, Any]] = []
+        if mine and fmt is not None:
+            if progress:
+                progress(0, prepared.nbytes)
+            leaves = _write_mine(mine, fmt, staging.child(format_name), group, dict(format_options or {}))
+            if progress:
+                progress(prepared.nbytes, prepared.nbytes)
+    except BaseException as exc:
+        scope.put_error(f"{prefix}written/{group.me}", exc)
+        raise
+    reports = scope.gather(f"{prefix}written", leaves)
+    if reports is None:
+        return None
+    # 3. The primary records who holds which shard, and writes the index.
+    _merge_reports(prepared, reports, group, format_name, staging.url)
+    return saving.write_index(prepared, staging, url=url, format_name=format_name, fmt=fmt, metadata=user_metadata)
+
+
+def _holds_whole(write: Any) -> bool:
+    """Whether this process's shards of a leaf cover all of it."""
+    import math
+
+    total = math.prod(write.request.shape)
+    held = sum(math.prod(s.stop - s.start for s in shard.index) for shard in write.request.shards)
+    return bool(write.request.shards) and held == total
+
+
+def _assign(plans: list[dict[str, Any]], group: ProcessGroup, url: str) -> dict[str, int]:
+    """The one writer of every leaf held whole by several processes (the primary first)."""
+    mine = plans[group.processes.index(group.me)]["tree"]
+    for process, plan in zip(group.processes, plans, strict=True):
+        if plan["tree"] != mine:
+            raise CheckpointError(
+                f"saving {url}: process {process} passed a state whose structure, shapes or dtypes differ from "
+                f"process {group.me}'s; every process must save the same tree"
+            )
+    holders: dict[int, list[int]] = {}
+    for process, plan in zip(group.processes, plans, strict=True):
+        for i in plan["whole"]:
+            holders.setdefault(int(i), []).append(process)
+    return {str(i): (group.primary if group.primary in ps else min(ps)) for i, ps in holders.items()}
+
+
+def _write_mine(
+    mine: list[tuple[int, Any]], fmt: Any, location: Location, group: ProcessGroup, options: dict[str, Any]
+) -> list[dict[str, Any]]:
+    from ckptcore import arrays
+
+    requests = [w.request for _, w in mine]
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptcore-checksum") as pool:
+        sums = [[pool.submit(arrays.checksum, s.data) for s in r.shards] for r in requests]
+        infos = fmt.format.write(location.child(f"process_{group.me}"), requests, options)
+        return [
+            {
+                "w": i,
+                "info": info,
+                "shards": [[[s.start, s.stop] for s in shard.index] for shard in r.shards],
+                "checksums": [f.result() for f in futs],
+            }
+            for (i, _), r, info, futs in zip(mine, requests, infos, sums, strict=True)
+        ]
+
+
+def _tree_digest(prepared: PreparedSave) -> str:
+    """A digest of the tree's structure, shapes and dtypes (not of per-process details)."""
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in ("format_info", "nbytes", "value", "checksum")}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    return hashlib.sha1(json.dumps(strip(prepared.tree), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _merge_reports(
+    prepared: PreparedSave, reports: list[list[dict[str, Any]]], group: ProcessGroup, format_name: str, url: str
+) -> None:
+    """Fill the primary's index records from every process's report; check each leaf is covered once."""
+    import numpy as np
+
+    writers: list[list[dict[str, Any]]] = [[] for _ in prepared.writes]
+    for process, report in zip(group.processes, reports, strict=True):
+        for leaf in report:
+            writers[leaf["w"]].append({"process": process, **leaf})
+    for w, found in zip(prepared.writes, writers, strict=True):
+        shape = tuple(w.request.shape)
+        covered = sum(int(np.prod([b - a for a, b in index], dtype=np.int64)) for f in found for index in f["shards"])
+        if covered != int(np.prod(shape, dtype=np.int64)):
+            raise CheckpointError(
+                f"saving {url}: the processes wrote {covered} of the {int(np.prod(shape, dtype=np.int64))} elements "
+                f"of {w.request.key!r} (shape {shape}); some shards live on processes outside the active set "
+                f"{list(group.processes)}, or several processes claimed the same shard"
+            )
+        entries = [
+            {"index": index, "checksum": checksum}
+            for f in found
+            for index, checksum in zip(f["shards"], f["checksums"], strict=True)
+        ]
+        record: dict[str, Any] = {
+            "format": format_name,
+            "key": w.request.key,
+            "format_info": {
+                "writers": [{"process": f["process"], "info": f["info"], "shards": f["shards"]} for f in found]
+            },
+        }
+        if len(entries) == 1 and entries[0]["index"] == [[0, n] for n in shape]:
+            record["checksum"] = entries[0]["checksum"]
+        else:
+            record["shard_checksums"] = sorted(entries, key=lambda e: e["index"])
+        w.record.pop("checksum", None)
+        w.record.pop("shard_checksums", None)
+        w.record.update(record)
+
+
+# -- reading a multi-writer checkpoint ---------------------------------------------------
+
+
+def read_arrays(
+    fmt: ArrayFormat, location: Location, requests: Sequence[ReadRequest], options: Mapping[str, Any]
+) -> list[list[np.ndarray]]:
+    """``fmt.read``, also for leaves written by several processes (``info["writers"]``).
+
+    Each requested region is assembled from the intersections with the shards each writer
+    holds; a writer's data lives in ``<location>/process_<i>/``.
+    """
+    if not any("writers" in r.info for r in requests):
+        return fmt.read(location, requests, options)
+    import dataclasses
+
+    import numpy as np
+
+    results: list[list[Any]] = [[] for _ in requests]
+    plain = [i for i, r in enumerate(requests) if "writers" not in r.info]
+    if plain:
+        for i, arrays_read in zip(plain, fmt.read(location, [requests[i] for i in plain], options), strict=True):
+            results[i] = arrays_read
+    # Per writer process: (request index, region index, piece) of every intersection.
+    pieces: dict[int, list[tuple[int, int, tuple[slice, ...], dict[str, Any]]]] = {}
+    for i, r in enumerate(requests):
+        if "writers" not in r.info:
+            continue
+        results[i] = [np.empty([s.stop - s.start for s in region], dtype=r.dtype) for region in r.regions]
+        covered = [0] * len(r.regions)
+        for writer in r.info["writers"]:
+            for index in writer["shards"]:
+                for j, region in enumerate(r.regions):
+                    piece = tuple(slice(max(a, s.start), min(b, s.stop)) for (a, b), s in zip(index, region, strict=True))
+                    if all(p.start < p.stop for p in piece):
+                        pieces.setdefault(int(writer["process"]), []).append((i, j, piece, writer["info"]))
+                        covered[j] += int(np.prod([p.stop - p.start for p in piece], dtype=np.int64))
+        for j, region in enumerate(r.regions):
+            if covered[j] != results[i][j].size:
+                raise CorruptCheckpointError(
+                    f"array {r.key!r}: the writers recorded in the index cover {covered[j]} of the "
+                    f"{results[i][j].size} elements of region {[(s.start, s.stop) for s in region]}; the index is corrupt"
+                )
+
+    def read_from(process: int) -> None:
+        items = pieces[process]
+        # One request per (leaf, writer) carrying all its pieces, so formats batch them.
+        by_leaf: dict[int, list[tuple[int, tuple[slice, ...], dict[str, Any]]]] = {}
+        for i, j, piece, info in items:
+            by_leaf.setdefault(i, []).append((j, piece, info))
+        leaves = list(by_leaf)
+        sub = [
+            dataclasses.replace(requests[i], info=by_leaf[i][0][2], regions=tuple(p for _, p, _ in by_leaf[i]))
+            for i in leaves
+        ]
+        got = fmt.read(location.child(f"process_{process}"), sub, options)
+        for i, arrays_read in zip(leaves, got, strict=True):
+            for (j, piece, _), data in zip(by_leaf[i], arrays_read, strict=True):
+                region = requests[i].regions[j]
+                dest = tuple(slice(p.start - s.start, p.stop - s.start) for p, s in zip(piece, region, strict=True))
+                results[i][j][dest] = data
+
+    with ThreadPoolExecutor(max_workers=min(4, max(1, len(pieces))), thread_name_prefix="ckptcore-read") as pool:
+        for future in [pool.submit(read_from, p) for p in sorted(pieces)]:
+            future.result()
+    return results
+
+
+# -- preemption --------------------------------------------------------------------------
+
+
+class _SigtermFlag:
+    """Set by SIGTERM (for jobs without JAX's preemption sync manager)."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self.installed = False
+        self._previous: Any = None
+
+    def install(self) -> None:
+        if self.installed or threading.current_thread() is not threading.main_thread():
+            return
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.installed = True
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
+        if callable(self._previous) and self._previous not in (signal.SIG_DFL, signal.SIG_IGN):
+            self._previous(signum, frame)
+
+
+_sigterm = _SigtermFlag()
+
+
+def install_preemption_handler() -> None:
+    """Start noticing SIGTERM now (before the first ``reached_preemption`` call)."""
+    if _sync_manager() is None:
+        _sigterm.install()
+
+
+def _sync_manager() -> Any:
+    state = _jax_distributed()
+    return getattr(state, "preemption_sync_manager", None) if state is not None else None
+
+
+def reached_preemption(step: int, group: ProcessGroup | None = None) -> bool:
+    """Whether every process should save ``step`` now because the job is being preempted.
+
+    Call it at every step on every process. With ``jax.distributed`` and its preemption
+    sync manager (the default), JAX agrees on the step (the first step after every process
+    saw the notice). Otherwise a SIGTERM handler notices the signal; with several
+    processes they agree through the key-value store on the largest step any of them
+    reached when it saw the notice.
+    """
+    manager = _sync_manager()
+    if manager is not None:
+        return bool(manager.reached_sync_point(int(step)))
+    _sigterm.install()
+    group = group if group is not None else current_group()
+    if group is None:
+        return _sigterm.received
+    return _kv_preemption(group, int(step))
+
+
+@dataclass
+class _KvPreemption:
+    sync_step: int | None = None
+    published: bool = False
+
+
+_kv_state: dict[str, _KvPreemption] = {}
+
+
+def _kv_preemption(group: ProcessGroup, step: int) -> bool:
+    state = _kv_state.setdefault(group.tag, _KvPreemption())
+    if state.sync_step is not None:
+        return step == state.sync_step
+    notice_key = f"{KEY_PREFIX}/{group.tag}/preemption/notice"
+    if _sigterm.received and not state.published:
+        try:
+            group.client.key_value_set(notice_key, str(group.me))
+        except Exception:  # another process published the notice first
+            pass
+        state.published = True
+    try:
+        noticed = group.client.key_value_try_get(notice_key)
+    except Exception:  # NOT_FOUND: no process was told to stop
+        noticed = None
+    if noticed is None:
+        return False
+    # Everyone saw the notice: each publishes its step; the sync step is the largest.
+    client, deadline = group.client, time.monotonic() + group.timeout_s
+    client.key_value_set(f"{KEY_PREFIX}/{group.tag}/preemption/step/{group.me}", str(step))
+    steps = [
+        int(_blocking_get(client, f"{KEY_PREFIX}/{group.tag}/preemption/step/{p}", deadline, f"process {p}'s step"))
+        for p in group.processes
+    ]
+    state.sync_step = max(steps)
+    return step == state.sync_step
+
+
+# -- single-replica restore ----------------------------------------------------------------
+
+
+def restore(
+    path: str | os.PathLike[str],
+    target: Any,
+    *,
+    single_replica: bool | None = None,
+    replica_axis: str | None = None,
+    **kwargs: Any,
+) -> Any:
+    """:func:`ckptcore.restore`, optionally reading each replicated array only once.
+
+    With ``single_replica`` (default: the multi-process options') every ``jax.Array``
+    target leaf whose sharding replicates it along ``replica_axis`` is read only by the
+    devices at index 0 of that axis and then copied to the other replicas by a jitted
+    identity (XLA moves the data between devices and processes). Other leaves restore as usual.
+    """
+    from ckptcore import restoring
+
+    opts = current_options()
+    single = opts.single_replica_restore if single_replica is None else single_replica
+    if not single or target is None:
+        return restoring.restore(path, target, **kwargs)
+    import jax
+
+    axis = replica_axis or opts.replica_axis
+    plans: list[Any] = []
+
+    def narrow(leaf: Any) -> Any:
+        plan = _replica_plan(leaf, axis)
+        plans.append(plan)
+        return plan.read_target if plan is not None else leaf
+
+    narrowed = jax.tree_util.tree_map(narrow, target)
+    restored = restoring.restore(path, narrowed, **kwargs)
+    it = iter(plans)
+    return jax.tree_util.tree_map(lambda value, _: _broadcast(value, next(it)), restored, target)
+
+
+@dataclass
+class _ReplicaPlan:
+    read_target: Any  # a ShapeDtypeStruct on the replica-0 sub-mesh
+    sharding: Any  # the target's sharding (all replicas)
+    axis: str
+    mesh: Any
+
+
+def _replica_plan(leaf: Any, axis: str | None) -> _ReplicaPlan | None:
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    sharding = getattr(leaf, "sharding", None)
+    if not isinstance(sharding, NamedSharding) or not hasattr(leaf, "shape"):
+        return None
+    mesh = sharding.mesh
+    used = {a for entry in sharding.spec for a in ((entry,) if isinstance(entry, str) else (entry or ()))}
+    candidates = [a for a in mesh.axis_names if a not in used and mesh.shape[a] > 1]
+    chosen = axis if axis is not None else (candidates[0] if candidates else None)
+    if chosen is None or chosen not in candidates:
+        return None
+    position = list(mesh.axis_names).index(chosen)
+    sub_devices = mesh.devices.take([0], axis=position)
+    sub_mesh = Mesh(sub_devices, mesh.axis_names, axis_types=getattr(mesh, "axis_types", None))
+    sub_sharding = NamedSharding(sub_mesh, PartitionSpec(*sharding.spec))
+    read_target = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sub_sharding)
+    return _ReplicaPlan(read_target, sharding, chosen, mesh)
+
+
+def _broadcast(value: Any, plan: _ReplicaPlan | None) -> Any:
+    """Copy ``value`` (held by the replica-0 devices) to every replica of ``plan.sharding``."""
+    if plan is None:
+        return value
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    sharding, axis, mesh = plan.sharding, plan.axis, plan.mesh
+    replicas = mesh.shape[axis]
+    # A stacked array (replicas, *shape) sharded along the replica axis: replica 0's slot is
+    # the data read, the other slots are zeros created on their devices (never read).
+    stacked = NamedSharding(mesh, PartitionSpec(axis, *sharding.spec))
+    shape = (replicas, *value.shape)
+    index_map = stacked.addressable_devices_indices_map(shape)
+    local = {shard.device: shard.data for shard in value.addressable_shards}
+    buffers = []
+    for device, index in index_map.items():
+        if (index[0].start or 0) == 0:
+            # The replica-0 devices of the full mesh are the devices of the sub-mesh read onto.
+            buffers.append(local[device][None])
+        else:
+            piece = [(s.stop if s.stop is not None else n) - (s.start or 0) for s, n in zip(index[1:], value.shape, strict=True)]
+            buffers.append(jnp.zeros((1, *piece), value.dtype, device=device))
+    global_stack = jax.make_array_from_single_device_arrays(shape, stacked, buffers)
+    return _take_first(sharding)(global_stack)
+
+
+_take_first_cache: dict[Any, Any] = {}
+
+
+def _take_first(sharding: Any) -> Any:
+    import jax
+
+    fn = _take_first_cache.get(sharding)
+    if fn is None:
+        fn = jax.jit(lambda stacked: stacked[0], out_shardings=sharding)
+        _take_first_cache[sharding] = fn
+    return fn

@@ -1,0 +1,279 @@
+"""One process of a multi-process test: joins a ``jax.distributed`` job on 127.0.0.1 and runs a scenario.
+
+Run by tests/test_multihost.py (never imported by pytest)::
+
+    python tests/multihost_worker.py '{"port": P, "processes": N, "process_id": I, "devices": K,
+                                       "scenario": "...", "dir": D, "out": RESULT_JSON, ...}'
+
+Each process writes its result (a JSON object, with "error" when its scenario raised) to
+``out`` and leaves with ``os._exit``: after a failure the JAX runtime's shutdown barrier
+would wait for the dead process, which is exactly the hang the tests must not have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from typing import Any
+
+CONFIG: dict[str, Any] = json.loads(sys.argv[1])
+RESULT: dict[str, Any] = {"process": CONFIG["process_id"]}
+
+
+def emit(code: int) -> None:
+    with open(CONFIG["out"], "w") as f:
+        json.dump(RESULT, f)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+os.environ.pop("XLA_FLAGS", None)  # the parent's 8 forced devices: this process gets its own count
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", int(CONFIG["devices"]))
+if CONFIG["processes"] > 1:
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{CONFIG['port']}",
+        num_processes=CONFIG["processes"],
+        process_id=CONFIG["process_id"],
+        initialization_timeout=60,
+        heartbeat_timeout_seconds=60,
+    )
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, SingleDeviceSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import ckptcore  # noqa: E402
+from ckptcore import distributed  # noqa: E402
+from ckptcore.hookspecs import hookimpl  # noqa: E402
+from ckptcore.registrations import ArrayFormatRegistration  # noqa: E402
+
+ME = jax.process_index()
+
+# -- the state every scenario saves (the same on every process) --------------------------
+
+GLOBAL = {
+    "w": np.arange(32 * 16, dtype=np.float32).reshape(32, 16) / 7,  # P("data", "model")
+    "b": np.arange(16, dtype=np.float32) - 3,  # P("model"): replicated along "data"
+    "r": np.full((4, 4), 2.5, dtype=np.float32),  # P(): replicated everywhere
+    "i": np.arange(8 * 12, dtype=np.int32).reshape(8, 12),  # P(None, "model")
+}
+SPECS = {"w": P("data", "model"), "b": P("model"), "r": P(), "i": P(None, "model")}
+
+
+def make_mesh(shape: list[int]) -> Any:
+    return jax.make_mesh(tuple(shape), ("data", "model"), devices=jax.devices()[: math.prod(shape)])
+
+
+def make_state(mesh: Any, *, step: int = 0) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        name: jax.make_array_from_callback(
+            value.shape, NamedSharding(mesh, SPECS[name]), lambda idx, v=value: v[idx] + step
+        )
+        for name, value in GLOBAL.items()
+    }
+    state["local"] = jax.device_put(jnp.arange(5, dtype=jnp.int32) + step, jax.local_devices()[0])
+    state["host"] = np.arange(10, dtype=np.int64) + step
+    state["step"] = step
+    state["name"] = "run-1"
+    return state
+
+
+def make_target(mesh: Any) -> dict[str, Any]:
+    target: dict[str, Any] = {
+        name: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=NamedSharding(mesh, SPECS[name]))
+        for name, value in GLOBAL.items()
+    }
+    target["local"] = jax.ShapeDtypeStruct((5,), jnp.int32, sharding=SingleDeviceSharding(jax.local_devices()[0]))
+    target["host"] = np.zeros(10, np.int64)
+    target["step"] = 0
+    target["name"] = ""
+    return target
+
+
+def check_state(restored: dict[str, Any], mesh: Any, *, step: int = 0) -> int:
+    """Compare every addressable shard with the expected data; return the number checked."""
+    checked = 0
+    for name, value in GLOBAL.items():
+        array = restored[name]
+        assert array.sharding == NamedSharding(mesh, SPECS[name]), (name, array.sharding)
+        for shard in array.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), value[shard.index] + step, err_msg=name)
+            checked += 1
+    np.testing.assert_array_equal(np.asarray(restored["local"]), np.arange(5) + step)
+    np.testing.assert_array_equal(restored["host"], np.arange(10) + step)
+    assert restored["step"] == step and restored["name"] == "run-1", (restored["step"], restored["name"])
+    return checked
+
+
+# -- a format that counts what is read and can misbehave on purpose ------------------------
+
+
+class CountingFormat:
+    """The real TensorStore ocdbt format, counting bytes read; optionally dies while writing."""
+
+    def __init__(self) -> None:
+        from ckptcore_zarr3.tensorstore_format import TensorStoreFormat
+
+        self.real = TensorStoreFormat(ocdbt=True)
+        self.bytes_read = 0
+        self.die_in_write = False
+        self.fail_in_write = False
+
+    def write(self, location: Any, requests: Any, options: Any) -> Any:
+        infos = self.real.write(location, requests, options)
+        if self.die_in_write:
+            os.kill(os.getpid(), 9)  # a crash in the middle of a save: no cleanup, no message
+        if self.fail_in_write:
+            raise OSError(f"disk full on process {ME} (injected)")
+        return infos
+
+    def read(self, location: Any, requests: Any, options: Any) -> Any:
+        results = self.real.read(location, requests, options)
+        self.bytes_read += sum(a.nbytes for arrays in results for a in arrays)
+        return results
+
+
+class CountingPlugin:
+    def __init__(self, fmt: CountingFormat) -> None:
+        self.fmt = fmt
+
+    @hookimpl
+    def ckptcore_array_formats(self) -> list[ArrayFormatRegistration]:
+        return [ArrayFormatRegistration(name="counted", format=self.fmt, version=1)]
+
+
+COUNTING = CountingFormat()
+ckptcore.register_plugin(CountingPlugin(COUNTING), name="counting-format")
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+# -- scenarios -------------------------------------------------------------------------------
+
+
+def scenario_save_restore() -> None:
+    """Save on this job's mesh, restore onto the same and onto a transposed mesh, check bytes."""
+    root = CONFIG["dir"]
+    mesh = make_mesh(CONFIG["mesh"])
+    state = make_state(mesh)
+    for fmt in CONFIG.get("formats", ["ocdbt"]):
+        path = f"{root}/{fmt}"
+        start = time.perf_counter()
+        ckptcore.save(path, state, format=fmt)
+        RESULT[f"save_s_{fmt}"] = time.perf_counter() - start
+        # Visible to every process as soon as save returns.
+        assert os.path.exists(f"{path}/ckptcore_index.json")
+        RESULT[f"checked_{fmt}"] = check_state(ckptcore.restore(path, make_target(mesh)), mesh)
+        other = make_mesh(CONFIG["mesh"][::-1])
+        RESULT[f"checked_other_{fmt}"] = check_state(ckptcore.restore(path, make_target(other)), other)
+    # Errors: an existing checkpoint is refused on every process, and stays intact.
+    try:
+        ckptcore.save(f"{root}/{CONFIG.get('formats', ['ocdbt'])[0]}", state)
+        RESULT["exists_error"] = None
+    except ckptcore.CheckpointError as exc:
+        RESULT["exists_error"] = type(exc).__name__ + ": " + str(exc)
+    # A process whose tree differs: every process fails, nothing is committed.
+    odd = dict(state)
+    if ME == CONFIG["processes"] - 1:
+        odd["extra"] = np.zeros(3)
+    try:
+        ckptcore.save(f"{root}/mismatch", odd)
+        RESULT["mismatch_error"] = None
+    except ckptcore.CheckpointError as exc:
+        RESULT["mismatch_error"] = type(exc).__name__ + ": " + str(exc)
+    # An injected write failure on the last process: an error everywhere, nothing committed.
+    COUNTING.fail_in_write = ME == CONFIG["processes"] - 1
+    try:
+        ckptcore.save(f"{root}/failed", state, format="counted")
+        RESULT["failure_error"] = None
+    except ckptcore.CheckpointError as exc:
+        RESULT["failure_error"] = type(exc).__name__ + ": " + str(exc)
+    COUNTING.fail_in_write = False
+    # Coordination cost: a tiny state's save, several times (median reported).
+    tiny = {"x": np.arange(4, dtype=np.float32)}
+    times = []
+    for k in range(5):
+        start = time.perf_counter()
+        ckptcore.save(f"{root}/tiny_{k}", tiny)
+        times.append(time.perf_counter() - start)
+    RESULT["tiny_save_s"] = sorted(times)[len(times) // 2]
+
+
+def scenario_save() -> None:
+    mesh = make_mesh(CONFIG["mesh"])
+    ckptcore.save(CONFIG["path"], make_state(mesh, step=CONFIG.get("step", 0)), format=CONFIG.get("format"))
+    RESULT["saved"] = True
+
+
+def scenario_restore() -> None:
+    for path, step in CONFIG["paths"]:
+        mesh = make_mesh(CONFIG["mesh"])
+        RESULT.setdefault("checked", []).append(check_state(ckptcore.restore(path, make_target(mesh)), mesh, step=step))
+
+
+def scenario_single_replica() -> None:
+    """Replicas along "data": single-replica restore reads each array once in the whole job."""
+    mesh = make_mesh(CONFIG["mesh"])
+    path = f"{CONFIG['dir']}/replicated"
+    ckptcore.save(path, make_state(mesh), format="counted")
+    COUNTING.bytes_read = 0
+    check_state(ckptcore.restore(path, make_target(mesh)), mesh)
+    RESULT["bytes_read_plain"] = COUNTING.bytes_read
+    COUNTING.bytes_read = 0
+    restored = distributed.restore(path, make_target(mesh), single_replica=True)
+    RESULT["bytes_read_single"] = COUNTING.bytes_read
+    RESULT["checked_single"] = check_state(restored, mesh)
+
+
+def scenario_kill() -> None:
+    """The process ``victim`` dies inside its write; the others must fail, not hang."""
+    COUNTING.die_in_write = ME == CONFIG["victim"]
+    mesh = make_mesh(CONFIG["mesh"])
+    with distributed.multiprocess_options(timeout_s=CONFIG["timeout_s"]):
+        ckptcore.save(CONFIG["path"], make_state(mesh), format="counted")
+    RESULT["saved"] = True
+
+
+def scenario_subset() -> None:
+    """Only processes 1.. take part (primary 1); arrays live on their devices."""
+    active = CONFIG["active"]
+    if ME not in active:
+        RESULT["skipped"] = True
+        return
+    devices = [d for d in jax.devices() if d.process_index in active]
+    mesh = jax.make_mesh((len(active), len(devices) // len(active)), ("data", "model"), devices=devices)
+    with distributed.multiprocess_options(processes=active, primary=CONFIG["primary"]):
+        ckptcore.save(CONFIG["path"], make_state(mesh))
+        RESULT["checked"] = check_state(ckptcore.restore(CONFIG["path"], make_target(mesh)), mesh)
+
+
+def main() -> None:
+    try:
+        globals()[f"scenario_{CONFIG['scenario']}"]()
+    except BaseException as exc:
+        RESULT["error"] = f"{type(exc).__name__}: {exc}"
+        RESULT["error_type"] = type(exc).__name__
+        RESULT["is_checkpoint_error"] = isinstance(exc, ckptcore.CheckpointError)
+        RESULT["traceback"] = traceback.format_exc()
+        emit(1)
+    if CONFIG["processes"] > 1:  # nobody leaves (and takes the coordinator away) while others still talk
+        from jax._src import distributed as jd
+
+        jd.global_state.client.wait_at_barrier("worker-done", 60_000)
+    emit(0)
+
+
+if __name__ == "__main__":
+    main()
