@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -71,7 +72,10 @@ def _plugins(as_json: bool) -> int:
 
 
 def _inspect(path: str, as_json: bool) -> int:
+    import numpy as np
+
     from ckptcore.restoring import info
+    from ckptcore.tree import decode_scalar
 
     ck = info(path)
     leaves = []
@@ -82,7 +86,11 @@ def _inspect(path: str, as_json: bool) -> int:
             if record.get("sharding"):
                 entry["sharding"] = record["sharding"]
         else:
-            entry["value"] = record.get("value")
+            value = decode_scalar((), record)
+            entry["value"] = _json_value(value)
+            if isinstance(value, np.generic):
+                entry["dtype"] = str(value.dtype)
+            entry["repr"] = _short(value)
         leaves.append(entry)
     summary = {
         "url": ck.url, "created": ck.created, "total_bytes": ck.total_bytes, "format_version": ck.format_version,
@@ -108,7 +116,7 @@ def _inspect(path: str, as_json: bool) -> int:
         if "shape" in leaf:
             table.add_row(leaf["path"], leaf["kind"], str(tuple(leaf["shape"])), leaf["dtype"], _human(leaf["bytes"]), leaf["format"])
         else:
-            table.add_row(leaf["path"], leaf["kind"], "", "", "", _short(leaf["value"]))
+            table.add_row(leaf["path"], leaf["kind"], "", leaf.get("dtype", ""), "", leaf["repr"])
     console.print(table)
     return 0
 
@@ -120,6 +128,17 @@ def _human(n: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"
+
+
+def _json_value(value: Any) -> Any:
+    """A decoded scalar as JSON: numbers, bools and strings as they are, anything else as its repr."""
+    if hasattr(value, "item") and hasattr(value, "dtype"):  # NumPy scalar
+        value = value.item()
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    return repr(value)  # nan, inf, complex, bytes: JSON has no literal for them
 
 
 def _short(value: Any) -> str:

@@ -17,6 +17,7 @@ from ckptcore.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     IncompatibleVersionError,
+    MissingPluginError,
     NotCommittedError,
     PluginError,
     StorageError,
@@ -330,8 +331,17 @@ def _waves(group: list[_PendingRead], limit: int) -> list[list[_PendingRead]]:
 
 
 def _format_for(name: str, doc: dict[str, Any], url: str) -> Any:
-    reg = registry().array_format(name)
     saved = doc.get("array_formats", {}).get(name, {})
+    try:
+        reg = registry().array_format(name)
+    except MissingPluginError as exc:
+        dist = saved.get("distribution") if isinstance(saved, dict) else None
+        if not dist or not isinstance(dist, str) or not dist.replace("-", "").replace("_", "").isalnum():
+            raise
+        raise MissingPluginError(
+            f"{url} holds arrays in format {name!r}, written by the plugin distribution {dist} "
+            f"{saved.get('plugin_version', '')}, which is not installed here: {exc}"
+        ) from exc
     if int(saved.get("version", 1)) > reg.version:
         raise IncompatibleVersionError(
             f"{url} was written with array format {name!r} version {saved.get('version')} by "
