@@ -255,7 +255,10 @@ def plan_read(
                     on_device[device] = array
                 del host
             results.clear()
-            out = jax.make_array_from_single_device_arrays(shape, sharding, [on_device[d] for d in index_map])
+            # dtype: a process without devices in the sharding (multi-process) passes no arrays
+            out = jax.make_array_from_single_device_arrays(
+                shape, sharding, [on_device[d] for d in index_map], dtype=dtype
+            )
         if as_key:
             out = jax.random.wrap_key_data(out, impl=impl)
             if place_keys_on is not None:
