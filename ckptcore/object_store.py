@@ -232,7 +232,7 @@ class CommitMarker:
 
     def _remove_file(self, location: Location, name: str) -> None:
         try:
-            location.fs.rm(self._file(location, name))
+            location.fs.rm_file(self._file(location, name))
         except FileNotFoundError:  # already gone (e.g. an interrupted delete, retried)
             pass
 
