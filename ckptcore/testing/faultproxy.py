@@ -35,6 +35,7 @@ from typing import Any
 
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "expect"}
 _BLOCK = 1 << 20
+_ERROR_CODES = {403: "AccessDenied", 404: "NoSuchKey", 429: "SlowDown", 503: "ServiceUnavailable"}
 
 
 @dataclass
@@ -177,8 +178,8 @@ class _Handler(BaseHTTPRequestHandler):
         if action == "fail":
             self._discard_body(length, chunked)
             status = proxy._faults.fail_status
-            body = (f"<Error><Code>ServiceUnavailable</Code><Message>injected fault {status}</Message></Error>"
-                    ).encode()
+            code = _ERROR_CODES.get(status, "InternalError")
+            body = f"<Error><Code>{code}</Code><Message>injected fault {status}</Message></Error>".encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", str(len(body)))
