@@ -347,6 +347,7 @@ def test_killed_save_leaves_previous_checkpoint_intact_and_a_cleanable_leftover(
     returncode = _run_and_kill(path, mode, fmt)
     leftovers = sorted(p for p in parent.iterdir() if p.name != "ck")
 
+    print(f"\n{mode}/{fmt}: returncode {returncode}, leftovers {[p.name for p in leftovers]}")
     if returncode == -signal.SIGKILL and leftovers:
         assert snapshot(path) == before  # the previous checkpoint is intact, byte for byte
         np.testing.assert_array_equal(ckptcore.restore(path)["big"], STATE["big"])
