@@ -203,11 +203,14 @@ def validate_tree(node: Any, path: KeyPath = ()) -> None:
             )
         if kind == "dict":
             for item in items:
-                key = item.get("key") if isinstance(item, dict) else None
-                want = {"int": int, "str": str}.get(item.get("key_type")) if isinstance(item, dict) else None
-                if want is None or not isinstance(key, want) or isinstance(key, bool) or "value" not in item:
+                entry: dict[str, Any] = item if isinstance(item, dict) else {}
+                key, key_type = entry.get("key"), entry.get("key_type")
+                ok = (key_type == "int" and isinstance(key, int) and not isinstance(key, bool)) or (
+                    key_type == "str" and isinstance(key, str)
+                )
+                if not ok or "value" not in entry:
                     raise CorruptCheckpointError(f"malformed dict entry at {format_key_path(path)} in the checkpoint index")
-                stack.append((item["value"], (*path, key)))
+                stack.append((entry["value"], (*path, key)))  # type: ignore[arg-type]  # key checked above
             continue
         if kind == "namedtuple":
             _namedtuple_class(node, path)  # raises on fields that are not plain identifiers
