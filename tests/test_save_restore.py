@@ -221,3 +221,30 @@ def _snapshot(root):
             with open(full, "rb") as f:
                 out[os.path.relpath(full, root)] = f.read()
     return out
+
+
+def test_progress_and_bounded_waves(tmp_path):
+    state = {f"a{i}": np.full(50_000, i, np.float64) for i in range(6)}  # 6 x 400 KB
+    saved_progress: list[tuple[int, int]] = []
+    ckptcore.save(tmp_path / "ck", state, progress=lambda d, t: saved_progress.append((d, t)))
+    total = 6 * 400_000
+    assert saved_progress[0] == (0, total) and saved_progress[-1] == (total, total)
+    read_progress: list[tuple[int, int]] = []
+    back = ckptcore.restore(tmp_path / "ck", max_bytes_in_flight=500_000,
+                            progress=lambda d, t: read_progress.append((d, t)))
+    assert all(back[f"a{i}"][0] == i for i in range(6))
+    assert len(read_progress) >= 6  # one wave per leaf under a 500 KB budget
+    assert read_progress[-1] == (total, total)
+    assert [d for d, _ in read_progress] == sorted(d for d, _ in read_progress)
+
+
+def test_index_names_plugins_versions_and_checksums(tmp_path):
+    ckptcore.save(tmp_path / "ck", {"w": np.ones((300, 300), np.float32), "s": np.ones(3)})
+    doc = json.loads((tmp_path / "ck" / INDEX_FILE).read_text())
+    fmt = doc["array_formats"]["ocdbt"]
+    assert fmt["distribution"] == "ckptcore-zarr3" and fmt["plugin_version"] and isinstance(fmt["version"], int)
+    assert doc["ckptcore_version"] == ckptcore.__version__ and doc["created"]
+    assert "python" in doc["plugin_metadata"]["ckptcore.builtin"]
+    for item in doc["tree"]["items"]:
+        leaf = item["value"]
+        assert leaf["checksum"].startswith("crc32:") and leaf["key"] == item["key"] and leaf["format"] == "ocdbt"
