@@ -16,6 +16,7 @@ Plugins register ``CommitMarker()`` for their schemes; nothing here names a clou
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import socket
@@ -110,9 +111,16 @@ def options_key(scheme: str, options: Mapping[str, Any]) -> str:
     return scheme + "|" + json.dumps(dict(options), sort_keys=True, default=repr)
 
 
-def cached_filesystem(scheme: str, options: Mapping[str, Any], factory: Callable[[], T]) -> T:
-    """The filesystem for (scheme, options), created once per process by ``factory``."""
-    key = options_key(scheme, options)
+def cached_filesystem(
+    scheme: str, options: Mapping[str, Any], factory: Callable[[], T], env: tuple[str, ...] = ()
+) -> T:
+    """The filesystem for (scheme, options), created once per process by ``factory``.
+
+    ``env`` names the environment variables the client reads its credentials from: a
+    filesystem made before they changed is not reused after (their values are hashed).
+    """
+    seen = hashlib.sha256(json.dumps([os.environ.get(v) for v in env]).encode()).hexdigest()
+    key = options_key(scheme, {**options, "_environment": seen})
     with _fs_lock:
         fs = _fs_cache.get(key)
         if fs is None:

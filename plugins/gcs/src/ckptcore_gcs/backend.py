@@ -25,6 +25,7 @@ CREDENTIALS_HINT = (
 # time a store is opened. We set it from the endpoint in use (and put back the user's own
 # value for real GCS), so one process talks to one GCS endpoint at a time.
 _TS_URL = "TENSORSTORE_GCS_HTTP_URL"
+_TOKEN_METHODS = ("anon", "google_default", "cache", "cloud", "browser")
 _env_lock = threading.Lock()
 _user_ts_url = os.environ.get(_TS_URL)
 
@@ -67,7 +68,12 @@ class GCSBackend:
         fs_options = {k: options[k] for k in OPTION_KEYS if k in options and k != "request_concurrency"}
         fs_options["endpoint"] = endpoint
         try:
-            fs = cached_filesystem("gs", fs_options, lambda: _make_filesystem(endpoint, options, policy))
+            fs = cached_filesystem(
+                "gs", fs_options, lambda: _make_filesystem(endpoint, options, policy),
+                env=("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT"),
+            )
+        except StorageError as exc:
+            raise StorageError(f"connecting to GCS for {url} failed: {exc}") from exc
         except Exception as exc:
             raise storage_error(exc, url, "connecting to GCS for", credentials_hint=CREDENTIALS_HINT) from exc
         context: dict[str, Any] = {"gcs_request_retries": policy.tensorstore()}
@@ -84,6 +90,13 @@ class GCSBackend:
 
 def _make_filesystem(endpoint: str | None, options: Mapping[str, Any], policy: RetryPolicy) -> Any:
     token = options.get("token")
+    if isinstance(token, str) and token not in _TOKEN_METHODS and ("/" in token or token.endswith(".json")):
+        # gcsfs would take a missing file's name for an access token and ask Google about it.
+        if not os.path.isfile(os.path.expanduser(token)):
+            raise StorageError(
+                f"the credentials file {token!r} given as storage_options 'token' does not exist. {CREDENTIALS_HINT}"
+            )
+        token = os.path.expanduser(token)
     if token is None:
         # An emulator needs no credentials; real GCS must not fall back to anonymous
         # access silently (gcsfs's default), which would turn a missing login into 403s.

@@ -22,6 +22,10 @@ CREDENTIALS_HINT = (
     "{'profile': ...}), or pass storage_options={'key': ..., 'secret': ...}."
 )
 DEFAULT_REGION = "us-east-1"
+CREDENTIAL_VARIABLES = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
+)
 
 
 def endpoint_of(options: Mapping[str, Any]) -> str | None:
@@ -58,7 +62,9 @@ class S3Backend:
         fs_options = {k: options[k] for k in OPTION_KEYS if k in options and k != "request_concurrency"}
         fs_options.update(endpoint=endpoint, region=region)
         try:
-            fs = cached_filesystem("s3", fs_options, lambda: _make_filesystem(endpoint, region, options, policy))
+            fs = cached_filesystem(
+                "s3", fs_options, lambda: _make_filesystem(endpoint, region, options, policy), env=CREDENTIAL_VARIABLES
+            )
         except Exception as exc:
             raise storage_error(exc, url, "connecting to S3 for", credentials_hint=CREDENTIALS_HINT) from exc
         context: dict[str, Any] = {
@@ -114,22 +120,26 @@ def _tensorstore_credentials(options: Mapping[str, Any]) -> dict[str, Any]:
     if options.get("anon"):
         return {"type": "anonymous"}
     if options.get("key"):
-        return {"type": "profile", "profile": "ckptcore", "credentials_file": _credentials_file(options)}
+        credentials, config = _credentials_files(options)
+        return {"type": "profile", "profile": "ckptcore", "credentials_file": credentials, "config_file": config}
     if options.get("profile"):
         return {"type": "profile", "profile": str(options["profile"])}
     return {"type": "default"}
 
 
-def _credentials_file(options: Mapping[str, Any]) -> str:
+def _credentials_files(options: Mapping[str, Any]) -> tuple[str, str]:
     global _cred_dir
     wanted = {k: options.get(k) for k in ("key", "secret", "token")}
     cache_key = options_key("s3-credentials", wanted)
     with _cred_lock:
         if cache_key in _cred_files:
-            return _cred_files[cache_key]
+            return _cred_files[cache_key], os.path.join(str(_cred_dir), "config")
         if _cred_dir is None:
             _cred_dir = tempfile.mkdtemp(prefix="ckptcore-s3-")
             atexit.register(shutil.rmtree, _cred_dir, True)
+            # The profile provider also reads a config file; an empty one keeps it off AWS_CONFIG_FILE.
+            with open(os.path.join(_cred_dir, "config"), "w"):
+                pass
         path = os.path.join(_cred_dir, f"credentials-{len(_cred_files)}")
         lines = ["[ckptcore]", f"aws_access_key_id = {wanted['key']}", f"aws_secret_access_key = {wanted['secret']}"]
         if wanted["token"]:
@@ -138,4 +148,4 @@ def _credentials_file(options: Mapping[str, Any]) -> str:
         with os.fdopen(fd, "w") as f:
             f.write("\n".join(lines) + "\n")
         _cred_files[cache_key] = path
-        return path
+        return path, os.path.join(_cred_dir, "config")
