@@ -26,9 +26,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("clean", help="remove leftovers of interrupted saves in a directory")
     p.add_argument("directory")
 
-    p = sub.add_parser("demo", help="save and restore a realistic training state, and report timings")
+    p = sub.add_parser("demo", help="train a small model with a CheckpointManager, interrupt, resume, verify")
     p.add_argument("--directory", default=None, help="where to write (default: a temporary directory)")
-    p.add_argument("--size-mb", type=int, default=256, help="size of the model state in MiB")
+    p.add_argument("--size-mb", type=int, default=1, help="size of the training state in MiB (default 1)")
 
     args = parser.parse_args(argv)
     try:
