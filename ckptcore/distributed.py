@@ -166,9 +166,8 @@ class ProcessGroup:
     timeout_s: float
     client: Any = field(repr=False)
     tag: str = ""
-    _seq: int = 0
+    _counts: dict[str, int] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _done_below: int = 0  # scopes under this number are finished everywhere (their keys deleted)
 
     @property
     def is_primary(self) -> bool:
@@ -178,11 +177,12 @@ class ProcessGroup:
     def size(self) -> int:
         return len(self.processes)
 
-    def scope(self, what: str) -> Scope:
-        """The next collective operation's key namespace (every process calls in the same order)."""
+    def scope(self, name: str, what: str = "") -> Scope:
+        """The next operation called ``name`` (every process runs those in the same order)."""
+        safe = hashlib.sha1(name.encode()).hexdigest()[:12]
         with self._lock:
-            self._seq += 1
-            return Scope(self, self._seq, what)
+            self._counts[safe] = seq = self._counts.get(safe, 0) + 1
+        return Scope(self, safe, seq, what or name)
 
 
 _groups: dict[tuple[Any, ...], ProcessGroup] = {}
@@ -227,85 +227,132 @@ def current_group(options: MultiprocessOptions | None = None) -> ProcessGroup | 
 
 # -- key-value protocol ----------------------------------------------------------------
 
+POLL_S = 0.2  # how often a wait also looks at the operation's abort key
+
 
 @dataclass
 class Scope:
-    """The keys of one collective operation: ``ckptcore/<group>/<seq>/...``."""
+    """The keys of one collective operation: ``ckptcore/<group>/<name>/<n>/...``.
+
+    Scopes are counted per name, so operations of different names may interleave (a
+    manager's background retention and the training loop's ``should_save``) as long as each
+    process runs the operations of one name in the same order. Any process that fails sets
+    the operation's ``abort`` key: every wait of the operation then fails within ``POLL_S``.
+    """
 
     group: ProcessGroup
+    name: str
     seq: int
     what: str
 
-    def key(self, name: str) -> str:
-        return f"{KEY_PREFIX}/{self.group.tag}/{self.seq}/{name}"
+    def key(self, slot: str) -> str:
+        return f"{KEY_PREFIX}/{self.group.tag}/{self.name}/{self.seq}/{slot}"
 
     def deadline(self) -> float:
         return time.monotonic() + self.group.timeout_s
 
     # The value of every slot is {"ok": value} or {"error": message, "process": index}.
 
-    def put(self, name: str, value: Any) -> None:
-        _put(self.group.client, self.key(name), {"ok": value})
+    def put(self, slot: str, value: Any) -> None:
+        _put(self.group.client, self.key(slot), {"ok": value})
 
-    def put_error(self, name: str, exc: BaseException) -> None:
-        """Publish this process's failure where the others wait; never raises."""
-        message = f"{type(exc).__name__}: {exc}"
-        try:
-            _put(self.group.client, self.key(name), {"error": message[:4000], "process": self.group.me})
-        except Exception:  # the slot may be set already, or the service gone: the others time out
-            pass
+    def fail(self, exc: BaseException, *slots: str) -> None:
+        """Publish this process's failure (in the abort key and ``slots``); never raises."""
+        doc = {"error": f"{type(exc).__name__}: {exc}"[:4000], "process": self.group.me}
+        for slot in (*slots, "abort"):
+            try:
+                _put(self.group.client, self.key(slot), doc)
+            except Exception:  # already set (another failure first), or the service is gone
+                pass
 
-    def get(self, name: str, from_process: int, deadline: float) -> Any:
-        """The value process ``from_process`` published under ``name``; raises its error."""
-        doc = _get(self.group.client, self.key(name), deadline, self._waiting_for(name, from_process))
+    def get(self, slot: str, from_process: int, deadline: float) -> Any:
+        """The value process ``from_process`` published in ``slot``; raises any process's failure."""
+        doc = self._wait(slot, from_process, deadline)
         if "error" in doc:
-            raise ProcessFailedError(
-                f"process {doc.get('process', from_process)} failed during {self.what}: {doc['error']}"
-            )
+            raise ProcessFailedError(f"process {doc.get('process', from_process)} failed during {self.what}: {doc['error']}")
         return doc["ok"]
 
-    def _waiting_for(self, name: str, process: int) -> str:
-        return f"process {process} (step {name!r} of {self.what}, waited {self.group.timeout_s:g} s)"
+    def _wait(self, slot: str, process: int, deadline: float) -> Any:
+        client, key = self.group.client, self.key(slot)
+        while True:
+            step = min(POLL_S, deadline - time.monotonic())
+            try:
+                text = str(client.blocking_key_value_get(key, max(1, int(step * 1000))))
+                break
+            except Exception as exc:
+                if not _is_timeout(exc):
+                    raise ProcessFailedError(
+                        f"the JAX distributed runtime failed while {self.what} waited for process {process} "
+                        f"({slot!r}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                    ) from exc
+            aborted = _try_get(client, self.key("abort"))
+            if aborted is not None:
+                return json.loads(aborted)
+            if time.monotonic() >= deadline:
+                raise CheckpointTimeoutError(
+                    f"{self.what}: timed out after {self.group.timeout_s:g} s waiting for process {process} "
+                    f"({slot!r}); it died, hangs, or did not make the same checkpoint call (every process "
+                    "must make the same calls in the same order)"
+                )
+        doc = json.loads(text)
+        if isinstance(doc, dict) and set(doc) == {"parts"}:
+            doc = json.loads("".join(
+                str(client.blocking_key_value_get(f"{key}.part/{i}", 10_000)) for i in range(doc["parts"])
+            ))
+        return doc
 
-    def broadcast(self, name: str, compute: Callable[[], Any]) -> Any:
-        """The primary computes a value and publishes it; every process returns it (or its error)."""
+    def broadcast(self, slot: str, compute: Callable[[], Any]) -> Any:
+        """The primary computes a value and publishes it; every process returns it (or the failure)."""
         if self.group.is_primary:
             try:
                 value = compute()
             except BaseException as exc:
-                self.put_error(name, exc)
+                self.fail(exc, slot)
                 raise
-            self.put(name, value)
+            self.put(slot, value)
             return value
-        return self.get(name, self.group.primary, self.deadline())
+        value = self.get(slot, self.group.primary, self.deadline())
+        self._ack(slot)
+        return value
 
-    def gather(self, name: str, value: Any) -> list[Any] | None:
+    def gather(self, slot: str, value: Any) -> list[Any] | None:
         """Every process publishes ``value``; the primary returns them all (in process order)."""
-        self.put(f"{name}/{self.group.me}", value)
+        self.put(f"{slot}/{self.group.me}", value)
         if not self.group.is_primary:
             return None
         deadline = self.deadline()
-        values = [self.get(f"{name}/{p}", p, deadline) for p in self.group.processes]
-        self._forget_earlier()
+        values = [self.get(f"{slot}/{p}", p, deadline) for p in self.group.processes]
+        _delete_later(self.group.client, [self.key(f"{slot}/{p}") for p in self.group.processes])
         return values
 
-    def _forget_earlier(self) -> None:
-        """Delete the keys of scopes every process has passed (they published in this one)."""
-        group = self.group
-        with group._lock:
-            old = range(group._done_below, self.seq)
-            group._done_below = self.seq
-        if not old:
+    def _ack(self, slot: str) -> None:
+        """The last reader of a broadcast deletes it (the coordinator's memory stays bounded)."""
+        client = self.group.client
+        try:
+            if int(client.key_value_increment(self.key(f"{slot}.acks"), 1)) == self.group.size - 1:
+                _delete_later(client, [self.key(slot), self.key(f"{slot}.acks")])
+        except Exception:  # only memory is at stake
+            pass
+
+
+def _is_timeout(exc: Exception) -> bool:
+    text = str(exc)
+    return "DEADLINE_EXCEEDED" in text or "timed out" in text.lower()
+
+
+def _try_get(client: Any, key: str) -> str | None:
+    try:
+        return str(client.key_value_try_get(key))
+    except Exception:  # NOT_FOUND
+        return None
+
+
+def _delete_later(client: Any, keys: list[str]) -> None:
+    for key in keys:
+        try:
+            client.key_value_delete(key)
+        except Exception:  # only memory is at stake
             return
-
-        def delete() -> None:
-            for seq in old:
-                try:
-                    group.client.key_value_delete(f"{KEY_PREFIX}/{group.tag}/{seq}")
-                except Exception:  # deletion only frees memory in the coordinator
-                    return
-
-        threading.Thread(target=delete, name="ckptcore-kv-cleanup", daemon=True).start()
 
 
 def _put(client: Any, key: str, doc: Any) -> None:
@@ -319,29 +366,32 @@ def _put(client: Any, key: str, doc: Any) -> None:
     client.key_value_set(key, json.dumps({"parts": len(parts)}))  # last: readers see every part
 
 
-def _get(client: Any, key: str, deadline: float, waiting_for: str) -> Any:
-    text = _blocking_get(client, key, deadline, waiting_for)
-    doc = json.loads(text)
-    if isinstance(doc, dict) and set(doc) == {"parts"}:
-        text = "".join(_blocking_get(client, f"{key}.part/{i}", deadline, waiting_for) for i in range(doc["parts"]))
-        doc = json.loads(text)
-    return doc
+def agree(group: ProcessGroup | None, name: str, decide: Callable[[], Any]) -> Any:
+    """``decide()`` on the primary, its value on every process (``decide()`` alone without a group)."""
+    if group is None:
+        return decide()
+    return group.scope(name, f"agreeing on {name}").broadcast("value", decide)
 
 
-def _blocking_get(client: Any, key: str, deadline: float, waiting_for: str) -> str:
-    remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
-    try:
-        return str(client.blocking_key_value_get(key, remaining_ms))
-    except Exception as exc:
-        text = str(exc)
-        if "DEADLINE_EXCEEDED" in text or "timed out" in text.lower():
-            raise CheckpointTimeoutError(
-                f"timed out waiting for {waiting_for}: that process died, hangs, or did not make the same "
-                "checkpoint call; every process of the job must call it in the same order"
-            ) from exc
-        raise ProcessFailedError(
-            f"the JAX distributed runtime failed while waiting for {waiting_for}: {text.splitlines()[0] if text else exc}"
-        ) from exc
+class PrimaryFirst:
+    """Let the primary do something first: others block in ``__init__`` until it called ``done``.
+
+    The primary calls ``done()`` or ``failed(exc)``; the others then go on (or raise its error).
+    """
+
+    def __init__(self, group: ProcessGroup | None, name: str) -> None:
+        self.scope = group.scope(name, name) if group is not None else None
+        if self.scope is not None and not self.scope.group.is_primary:
+            self.scope.get("done", self.scope.group.primary, self.scope.deadline())
+            self.scope._ack("done")
+
+    def done(self) -> None:
+        if self.scope is not None and self.scope.group.is_primary:
+            self.scope.put("done", True)
+
+    def failed(self, exc: BaseException) -> None:
+        if self.scope is not None and self.scope.group.is_primary:
+            self.scope.fail(exc, "done")
 
 
 # -- collective save -------------------------------------------------------------------
@@ -355,10 +405,75 @@ class CollectiveSave:
     scope: Scope
 
 
-def plan_collective(group: ProcessGroup | None = None) -> CollectiveSave | None:
+def plan_collective(group: ProcessGroup | None = None, name: str = "save") -> CollectiveSave | None:
     """The collective context of a save about to be prepared, or ``None`` for one process."""
     group = group or current_group()
-    return CollectiveSave(group, group.scope("save")) if group is not None else None
+    return CollectiveSave(group, group.scope(name, "a collective save")) if group is not None else None
+
+
+_active: dict[str, CollectiveSave] = {}  # staging URL -> the collective save writing there
+_active_lock = threading.Lock()
+
+
+class CollectiveCommit:
+    """An :class:`~ckptcore.registrations.AtomicCommit` shared by the processes of one save.
+
+    The primary begins (and publishes the staging location) and commits once every process
+    said its part is written; the others follow and return once the commit is visible. An
+    ``abort`` on any process fails the save on all of them.
+    """
+
+    def __init__(self, strategy: Any, collective: CollectiveSave, *, check_exists: bool = False) -> None:
+        self.strategy = strategy
+        self.collective = collective
+        self.check_exists = check_exists
+        self.before_commit: Callable[[], None] | None = None
+
+    def begin(self, final: Location) -> Location:
+        scope = self.collective.scope
+
+        def begin() -> str:
+            if self.check_exists and self.strategy.is_committed(final):
+                raise AlreadyExistsError(f"a checkpoint already exists at {final.url}; pass force=True to replace it")
+            return _relative_name(final, self.strategy.begin(final))
+
+        staging = _staging_location(final, scope.broadcast("staging", begin))
+        with _active_lock:
+            _active[staging.url] = self.collective
+        return staging
+
+    def commit(self, staging: Location, final: Location, *, replace: bool) -> None:
+        scope = self.collective.scope
+        scope.gather("ready", True)  # the primary learns that every process's data is durable
+
+        def commit() -> str:
+            if self.before_commit is not None:
+                self.before_commit()
+            self.strategy.commit(staging, final, replace=replace)
+            return "committed"
+
+        try:
+            scope.broadcast("outcome", commit)
+        finally:
+            self._forget(staging)
+
+    def abort(self, staging: Location) -> None:
+        self.collective.scope.fail(ProcessFailedError("the save was aborted"), f"ready/{self.collective.group.me}")
+        self._forget(staging)
+        if self.collective.group.is_primary:
+            self.strategy.abort(staging)
+
+    def _forget(self, staging: Location) -> None:
+        with _active_lock:
+            _active.pop(staging.url, None)
+
+    def __getattr__(self, name: str) -> Any:  # is_committed, is_staging, delete
+        return getattr(self.strategy, name)
+
+
+def commit_strategy(strategy: Any, collective: CollectiveSave | None) -> Any:
+    """``strategy`` itself for one process, else its collective wrapper."""
+    return strategy if collective is None else CollectiveCommit(strategy, collective)
 
 
 def write(
@@ -378,80 +493,26 @@ def write(
     from ckptcore import storage
 
     location = storage.resolve(path, storage_options)
-
-    def body(staging: Location) -> None:
+    strategy = CollectiveCommit(storage.atomicity(location), collective, check_exists=not force)
+    strategy.before_commit = before_commit
+    staging = strategy.begin(location)
+    try:
         write_contents(
-            prepared, collective, staging, url=location.url, format=format, format_options=format_options,
+            prepared, staging, url=location.url, format=format, format_options=format_options,
             metadata=metadata, progress=progress,
         )
-
-    commit_collectively(collective, location, body, force=force, before_commit=before_commit)
+        strategy.commit(staging, location, replace=force)
+    except BaseException as exc:
+        try:
+            strategy.abort(staging)
+        except Exception:  # the original failure matters more than the cleanup's
+            pass
+        if isinstance(exc, CheckpointError) or not isinstance(exc, Exception):
+            raise
+        raise StorageError(
+            f"saving {location.url} failed on process {collective.group.me}: {type(exc).__name__}: {exc}"
+        ) from exc
     return location
-
-
-def commit_collectively(
-    collective: CollectiveSave,
-    final: Location,
-    body: Callable[[Location], Any],
-    *,
-    force: bool = False,
-    before_commit: Callable[[], None] | None = None,
-) -> None:
-    """Begin on the primary, run ``body(staging)`` on every process, commit on the primary.
-
-    ``before_commit`` runs on the primary right before the commit (raising aborts the save).
-    Returns on every process once the commit is visible; raises on every process when any
-    of them failed (the staging data is then removed and nothing is committed).
-    """
-    from ckptcore import storage
-
-    scope, group = collective.scope, collective.group
-    strategy = storage.atomicity(final)
-
-    def begin() -> str:
-        if not force and strategy.is_committed(final):
-            raise AlreadyExistsError(f"a checkpoint already exists at {final.url}; pass force=True to replace it")
-        staging = strategy.begin(final)
-        return _relative_name(final, staging)
-
-    try:
-        name = scope.broadcast("staging", begin)
-    except BaseException as exc:
-        scope.put_error(f"written/{group.me}", exc)
-        raise
-    staging = _staging_location(final, name)
-    try:
-        body(staging)
-    except BaseException as exc:
-        scope.put_error(f"written/{group.me}", exc)
-        if group.is_primary:
-            scope.put_error("outcome", exc)
-            _abort(strategy, staging)
-        if isinstance(exc, CheckpointError) or not isinstance(exc, Exception):
-            raise
-        raise StorageError(f"saving {final.url} failed on process {group.me}: {type(exc).__name__}: {exc}") from exc
-
-    def commit() -> str:
-        if before_commit is not None:
-            before_commit()
-        strategy.commit(staging, final, replace=force)
-        return "committed"
-
-    try:
-        scope.broadcast("outcome", commit)
-    except BaseException as exc:
-        if group.is_primary:
-            _abort(strategy, staging)
-        if isinstance(exc, CheckpointError) or not isinstance(exc, Exception):
-            raise
-        raise StorageError(f"committing {final.url} failed: {type(exc).__name__}: {exc}") from exc
-
-
-def _abort(strategy: Any, staging: Location) -> None:
-    try:
-        strategy.abort(staging)
-    except Exception:  # the original failure matters more than the cleanup's
-        pass
 
 
 def _relative_name(final: Location, staging: Location) -> str:
@@ -473,9 +534,17 @@ def _staging_location(final: Location, name: str) -> Location:
     return storage.resolve(name[len("url:") :], final.options)
 
 
+def _collective_of(staging: Location, fallback: CollectiveSave) -> CollectiveSave:
+    """The collective save writing into ``staging`` or a directory above it (a manager step's item)."""
+    with _active_lock:
+        for url, collective in _active.items():
+            if staging.url == url or staging.url.startswith(url.rstrip("/") + "/"):
+                return collective
+    return fallback
+
+
 def write_contents(
     prepared: PreparedSave,
-    collective: CollectiveSave,
     staging: Location,
     *,
     url: str,
@@ -483,38 +552,35 @@ def write_contents(
     format_options: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
     progress: ProgressCallback | None = None,
-    item: str = "",
-) -> dict[str, Any] | None:
+) -> dict[str, Any]:
     """Write this process's shards into ``staging``; the primary also writes the index.
 
-    ``item`` names the checkpoint within the operation when one commit holds several (a
-    manager's items); every process passes the same. Returns the index on the primary.
+    Every process calls it with the same arguments, inside a collective save (whose scope
+    is found from ``staging``). Returns the index on the primary, and on the others an
+    index without its tree (its formats and size).
     """
     from ckptcore import saving
     from ckptcore.plugins import registry
 
+    collective = _collective_of(staging, prepared.collective)
     scope, group = collective.scope, collective.group
     user_metadata = saving.check_json(dict(metadata or {}), "checkpoint metadata")
     format_name = format or (registry().default_array_format() if prepared.writes else "")
     fmt = registry().array_format(format_name) if prepared.writes else None
-    prefix = f"{item}/" if item else ""
-    # 1. Who writes what: a leaf that several processes hold whole (NumPy leaves, process-local
-    # jax arrays) is written once, by the primary if it holds it, else by the lowest holder.
+    prefix = hashlib.sha1(staging.url.encode()).hexdigest()[:12] + "/"  # several items in one operation
     try:
+        # 1. Who writes what: a leaf that several processes hold whole (NumPy leaves,
+        # process-local jax arrays) is written once, by the primary if it holds it, else by
+        # the lowest holder. The primary also checks that every process saves the same tree.
         whole = [i for i, w in enumerate(prepared.writes) if _holds_whole(w)]
-        plan = {"tree": _tree_digest(prepared), "whole": whole}
-    except BaseException as exc:
-        scope.put_error(f"{prefix}plan/{group.me}", exc)
-        raise
-    plans = scope.gather(f"{prefix}plan", plan)
-    assignment = scope.broadcast(f"{prefix}assign", lambda: _assign(plans or [], group, url))
-    writers = {int(k): v for k, v in assignment.items()}
-    # 2. Every process writes its part into its own directory, then reports it.
-    mine = [
-        (i, w) for i, w in enumerate(prepared.writes)
-        if w.request.shards and writers.get(i, group.me) == group.me
-    ]
-    try:
+        plans = scope.gather(f"{prefix}plan", {"tree": _tree_digest(prepared), "whole": whole})
+        assignment = scope.broadcast(f"{prefix}assign", lambda: _assign(plans or [], group, url))
+        writers = {int(k): v for k, v in assignment.items()}
+        # 2. Every process writes its part into its own directory, then reports it.
+        mine = [
+            (i, w) for i, w in enumerate(prepared.writes)
+            if w.request.shards and writers.get(i, group.me) == group.me
+        ]
         leaves: list[dict[str, Any]] = []
         if mine and fmt is not None:
             if progress:
@@ -522,15 +588,20 @@ def write_contents(
             leaves = _write_mine(mine, fmt, staging.child(format_name), group, dict(format_options or {}))
             if progress:
                 progress(prepared.nbytes, prepared.nbytes)
+        reports = scope.gather(f"{prefix}written", leaves)
     except BaseException as exc:
-        scope.put_error(f"{prefix}written/{group.me}", exc)
+        scope.fail(exc)
         raise
-    reports = scope.gather(f"{prefix}written", leaves)
     if reports is None:
-        return None
+        formats = {format_name: {}} if fmt is not None else {}
+        return {"array_formats": formats, "total_bytes": prepared.nbytes}
     # 3. The primary records who holds which shard, and writes the index.
-    _merge_reports(prepared, reports, group, format_name, staging.url)
-    return saving.write_index(prepared, staging, url=url, format_name=format_name, fmt=fmt, metadata=user_metadata)
+    try:
+        _merge_reports(prepared, reports, group, format_name, staging.url)
+        return saving.write_index(prepared, staging, url=url, format_name=format_name, fmt=fmt, metadata=user_metadata)
+    except BaseException as exc:
+        scope.fail(exc)
+        raise
 
 
 def _holds_whole(write: Any) -> bool:
@@ -780,14 +851,10 @@ def _kv_preemption(group: ProcessGroup, step: int) -> bool:
         noticed = None
     if noticed is None:
         return False
-    # Everyone saw the notice: each publishes its step; the sync step is the largest.
-    client, deadline = group.client, time.monotonic() + group.timeout_s
-    client.key_value_set(f"{KEY_PREFIX}/{group.tag}/preemption/step/{group.me}", str(step))
-    steps = [
-        int(_blocking_get(client, f"{KEY_PREFIX}/{group.tag}/preemption/step/{p}", deadline, f"process {p}'s step"))
-        for p in group.processes
-    ]
-    state.sync_step = max(steps)
+    # Everyone saw the notice: the sync step is the largest step any process is at now.
+    scope = group.scope("preemption-sync", "agreeing on the preemption step")
+    steps = scope.gather("step", step)
+    state.sync_step = int(scope.broadcast("sync", lambda: max(steps or [step])))
     return step == state.sync_step
 
 
@@ -866,26 +933,30 @@ def _broadcast(value: Any, plan: _ReplicaPlan | None) -> Any:
         return value
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec
+    from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
     sharding, axis, mesh = plan.sharding, plan.axis, plan.mesh
-    replicas = mesh.shape[axis]
+    # Auto axes: XLA may pick the communication (an explicit-axes mesh refuses the slicing).
+    auto = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
     # A stacked array (replicas, *shape) sharded along the replica axis: replica 0's slot is
     # the data read, the other slots are zeros created on their devices (never read).
-    stacked = NamedSharding(mesh, PartitionSpec(axis, *sharding.spec))
-    shape = (replicas, *value.shape)
-    index_map = stacked.addressable_devices_indices_map(shape)
+    stacked = NamedSharding(auto, PartitionSpec(axis, *sharding.spec))
+    shape = (mesh.shape[axis], *value.shape)
     local = {shard.device: shard.data for shard in value.addressable_shards}
     buffers = []
-    for device, index in index_map.items():
+    for device, index in stacked.addressable_devices_indices_map(shape).items():
         if (index[0].start or 0) == 0:
             # The replica-0 devices of the full mesh are the devices of the sub-mesh read onto.
             buffers.append(local[device][None])
         else:
-            piece = [(s.stop if s.stop is not None else n) - (s.start or 0) for s, n in zip(index[1:], value.shape, strict=True)]
+            piece = [len(range(*s.indices(n))) for s, n in zip(index[1:], value.shape, strict=True)]
             buffers.append(jnp.zeros((1, *piece), value.dtype, device=device))
-    global_stack = jax.make_array_from_single_device_arrays(shape, stacked, buffers)
-    return _take_first(sharding)(global_stack)
+    global_stack = jax.make_array_from_single_device_arrays(shape, stacked, buffers, dtype=value.dtype)
+    out = _take_first(NamedSharding(auto, sharding.spec))(global_stack)
+    # Same devices, same layout: re-wrap the buffers under the caller's sharding (no copy).
+    return jax.make_array_from_single_device_arrays(
+        value.shape, sharding, [s.data for s in out.addressable_shards], dtype=value.dtype
+    )
 
 
 _take_first_cache: dict[Any, Any] = {}

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from ckptcore import index, locks, restoring, saving, storage
+from ckptcore import distributed, index, locks, restoring, saving, storage
 from ckptcore.background import BackgroundWriter
 from ckptcore.composite import DEFAULT_ITEM, Composite, Json
 from ckptcore.errors import (
@@ -224,30 +224,38 @@ class CheckpointManager:
         self._writer_lease: locks.Lease | None = None
         self._closed = False
         user_metadata = saving.check_json(dict(metadata or {}), "manager metadata")
+        # Several jax.distributed processes: the primary sets the directory up (lock, root
+        # file, clean-up) while the others wait, then they all list the same steps.
+        self._group = distributed.current_group()
+        self._primary = self._group is None or self._group.is_primary
+        setup = not opts.read_only and self._primary
+        opening = distributed.PrimaryFirst(self._group, f"manager-open:{self._root.url}")
 
-        names = self._open_root()
         try:
-            if not opts.read_only and opts.writer_lock:
+            names = self._open_root()
+            if setup and opts.writer_lock:
                 self._writer_lease = locks.acquire_writer_lock(self._root, opts.lease_ttl_secs)
             root_doc = read_root_file(self._root) if ROOT_FILE in names else None
-            if root_doc is None and not opts.read_only:
+            if root_doc is None and setup:
                 root_doc = self._write_root_file(user_metadata)
                 names = list_names(self._root)
             elif root_doc is not None and metadata is not None and root_doc.get("metadata") != user_metadata:
                 log.warning("%s already has root metadata; the metadata passed is ignored (it is written once)",
                             self._root.url)
             self._root_doc = root_doc or {}
-            if opts.cleanup_tmp_directories and not opts.read_only:
+            if opts.cleanup_tmp_directories and setup:
                 from ckptcore.cleanup import clean
 
                 for url in clean(self._root.url, storage_options=self._root.options):
                     log.info("removed leftover of an interrupted save: %s", url)
                 names = list_names(self._root)
             self._load(names)
-        except BaseException:
+        except BaseException as exc:
+            opening.failed(exc)
             if self._writer_lease is not None:
                 self._writer_lease.release()
             raise
+        opening.done()
 
     # -- set-up ------------------------------------------------------------------------
 
@@ -391,7 +399,13 @@ class CheckpointManager:
             return sorted(self._records)
 
     def latest_step(self) -> int | None:
-        """The newest committed step, or ``None``. A save still in flight is never reported."""
+        """The newest committed step, or ``None``. A save still in flight is never reported.
+
+        In a multi-process job the primary's answer is every process's: call it on all of them.
+        """
+        return distributed.agree(self._group, f"latest_step:{self._root.url}", self._latest_step_here)
+
+    def _latest_step_here(self) -> int | None:
         with self._lock:
             return max(self._records, default=None)
 
@@ -448,8 +462,20 @@ class CheckpointManager:
 
         False when read-only or when ``step`` is not newer than the latest step (saved or
         in flight). Otherwise ``should_save_fn(step, latest)`` when given, else: ``step`` is a
-        multiple of ``save_interval_steps``, or no step exists yet.
+        multiple of ``save_interval_steps``, or no step exists yet. In a multi-process job the
+        primary decides for every process: call it on all of them.
         """
+        return bool(distributed.agree(self._group, f"should_save:{self._root.url}", lambda: self._should_save_here(step)))
+
+    def reached_preemption(self, step: int) -> bool:
+        """Whether every process must save ``step`` now because the job is being preempted.
+
+        Call it at every step on every process (JAX's preemption sync manager when
+        ``jax.distributed`` runs, else a SIGTERM handler); save and exit when it is true.
+        """
+        return distributed.reached_preemption(step, self._group)
+
+    def _should_save_here(self, step: int) -> bool:
         if self._options.read_only:
             return False
         with self._lock:
@@ -513,11 +539,17 @@ class CheckpointManager:
         if self._options.best_fn is not None and metrics is None:
             log.warning("step %d saved without metrics while best_fn is set: it is ranked as a step without metrics",
                         step)
-        composite, items = self._prepare_items(state)
+        collective = distributed.plan_collective(self._group)  # in this thread: every process in the same order
+        try:
+            composite, items = self._prepare_items(state)
+        except BaseException as exc:
+            if collective is not None:  # the other processes' save fails now instead of timing out
+                collective.scope.fail(exc)
+            raise
 
         def job() -> None:
             try:
-                self._write_step(step, composite, items, stored_metrics, decoded, score, force)
+                self._write_step(step, composite, items, stored_metrics, decoded, score, force, collective)
             finally:
                 with self._lock:
                     if self._pending_step == step:
@@ -546,15 +578,18 @@ class CheckpointManager:
 
     def _write_step(
         self, step: int, composite: bool, items: dict[str, tuple[str, Any]], stored_metrics: Any,
-        metrics: Any, score: float | None, force: bool,
+        metrics: Any, score: float | None, force: bool, collective: Any = None,
     ) -> None:
         final = self._root.child(self._step_name(step))
-        staging = self._strategy.begin(final)
+        strategy = distributed.commit_strategy(self._strategy, collective)  # the primary begins and commits
+        staging = strategy.begin(final)
         try:
             described = {}
             for name, (kind, payload) in items.items():
                 target = staging.child(name)
-                if kind == "json":
+                if kind == "json" and not self._primary:
+                    described[name] = {"kind": "json"}
+                elif kind == "json":
                     target.fs.makedirs(target.path, exist_ok=True)
                     target.fs.pipe_file(f"{target.path}/{JSON_ITEM_FILE}", payload)
                     described[name] = {"kind": "json"}
@@ -574,11 +609,12 @@ class CheckpointManager:
                 "ckptcore_version": _version(), "composite": composite, "items": described,
                 "metrics": stored_metrics,
             }
-            staging.fs.pipe_file(f"{staging.path.rstrip('/')}/{STEP_FILE}", json.dumps(step_doc, indent=1).encode())
-            self._strategy.commit(staging, final, replace=force)
+            if self._primary:
+                staging.fs.pipe_file(f"{staging.path.rstrip('/')}/{STEP_FILE}", json.dumps(step_doc, indent=1).encode())
+            strategy.commit(staging, final, replace=force)
         except BaseException as exc:
             try:
-                self._strategy.abort(staging)
+                strategy.abort(staging)
             except Exception:  # the original failure matters more than the cleanup's
                 pass
             if isinstance(exc, CheckpointError) or not isinstance(exc, Exception):
@@ -594,11 +630,25 @@ class CheckpointManager:
     # -- retention and deletes ---------------------------------------------------------
 
     def _apply_retention(self, just_saved: int) -> None:
+        if self._group is None:
+            self._apply_retention_here(just_saved)
+            return
+        # Several processes: the primary decides and deletes; the others forget the same steps.
+        removed = distributed.agree(
+            self._group, f"retention:{self._root.url}", lambda: self._apply_retention_here(just_saved)
+        )
+        if not self._primary:
+            with self._lock:
+                for step in removed:
+                    self._records.pop(step, None)
+                    self._names.pop(step, None)
+
+    def _apply_retention_here(self, just_saved: int) -> list[int]:
         with self._lock:
             records = [self._records[s] for s in sorted(self._records)]
             doomed = steps_to_delete(records, self._options)
             if not doomed:
-                return
+                return []
             # Never the step this run restored from (until a newer one is committed), never a
             # step a reader holds: both are deleted by a later retention pass instead.
             protected = locks.leased_steps(self._root, clean_expired=True)
@@ -610,11 +660,12 @@ class CheckpointManager:
             doomed = [s for s in doomed if s not in protected]
             removed = {s: (self._records.pop(s), self._names.pop(s)) for s in doomed}
         if not removed:
-            return
+            return []
         if self._options.enable_background_delete:
             self._deleter.submit(lambda: self._delete_removed(removed), description=f"delete steps {sorted(removed)}")
         else:
             self._delete_removed(removed)
+        return sorted(removed)
 
     def _delete_removed(self, removed: dict[int, tuple[StepRecord, str]]) -> None:
         errors = []
@@ -655,6 +706,21 @@ class CheckpointManager:
             raise ReadOnlyError(f"this CheckpointManager of {self._root.url} is read-only; delete refused")
         self._writer.wait(self._options.save_timeout)
         self._deleter.wait(self._options.save_timeout)
+        # Several processes: the primary deletes; the others wait for it, then forget the step.
+        deleting = distributed.PrimaryFirst(self._group, f"delete:{self._root.url}")
+        if not self._primary:
+            with self._lock:
+                self._records.pop(step, None)
+                self._names.pop(step, None)
+            return
+        try:
+            self._delete_here(step)
+        except BaseException as exc:
+            deleting.failed(exc)
+            raise
+        deleting.done()
+
+    def _delete_here(self, step: int) -> None:
         location = self._step_location(step)
         if step in locks.leased_steps(self._root):
             raise StepInUseError(

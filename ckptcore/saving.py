@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptcore import arrays, index, storage
+from ckptcore import arrays, distributed, index, storage
 from ckptcore.errors import AlreadyExistsError, CheckpointError, InvalidMetadataError, StorageError, UnsupportedLeafError
 from ckptcore.keys import KeyPath, format_key_path
 from ckptcore.plugins import registry
@@ -32,6 +32,9 @@ class PreparedSave:
 
     tree: Node
     writes: list[arrays.PlannedWrite] = field(default_factory=list)
+    # Set in a multi-process jax.distributed job: the group and the scope of this save,
+    # fixed in the caller's thread so that background saves keep the call order.
+    collective: Any = None
 
     @property
     def nbytes(self) -> int:
@@ -72,8 +75,14 @@ def prepare(
         from ckptcore import jax_arrays
 
         jax_arrays.start_host_copies(state)  # all device-to-host copies in flight before any is awaited
-    tree = encode_tree(state, encode_leaf)
-    return PreparedSave(tree, writes)
+    collective = distributed.plan_collective()  # None unless several jax.distributed processes save
+    try:
+        tree = encode_tree(state, encode_leaf)
+    except BaseException as exc:
+        if collective is not None:  # the other processes' save fails now instead of timing out
+            collective.scope.fail(exc)
+        raise
+    return PreparedSave(tree, writes, collective=collective)
 
 
 def check_json(value: Any, what: str) -> Any:
@@ -102,6 +111,11 @@ def write(
     ``before_commit`` runs right before the commit; if it raises, the save is aborted
     (a background save past its deadline uses it to never publish late).
     """
+    if prepared.collective is not None:  # several jax.distributed processes save together
+        return distributed.write(
+            prepared, prepared.collective, path, force=force, format=format, format_options=format_options,
+            metadata=metadata, storage_options=storage_options, progress=progress, before_commit=before_commit,
+        )
     user_metadata = check_json(dict(metadata or {}), "checkpoint metadata")
     location = storage.resolve(path, storage_options)
     strategy = storage.atomicity(location)
@@ -143,10 +157,23 @@ def write_contents(
     several items); ``url`` is where the data will be visible once committed. Returns
     the index written.
     """
+    if prepared.collective is not None:  # several jax.distributed processes write their shards
+        return distributed.write_contents(
+            prepared, staging, url=url, format=format, format_options=format_options, metadata=metadata,
+            progress=progress,
+        )
     user_metadata = check_json(dict(metadata or {}), "checkpoint metadata")
     format_name = format or (registry().default_array_format() if prepared.writes else "")
     fmt = registry().array_format(format_name) if prepared.writes else None
     _write_arrays(prepared, staging, format_name, fmt, dict(format_options or {}), progress)
+    return write_index(prepared, staging, url=url, format_name=format_name, fmt=fmt, metadata=user_metadata)
+
+
+def write_index(
+    prepared: PreparedSave, staging: Location, *, url: str, format_name: str, fmt: Any, metadata: dict[str, Any]
+) -> dict[str, Any]:
+    """Write the index of ``prepared`` (whose records are complete) into ``staging``."""
+    user_metadata = metadata
     formats = {}
     if fmt is not None:
         formats[format_name] = {"version": fmt.version, "distribution": fmt.distribution, "plugin_version": fmt.plugin_version}
