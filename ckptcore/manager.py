@@ -418,11 +418,13 @@ class CheckpointManager:
         if not scored:
             return None
         worst = -math.inf if self._options.best_mode == "max" else math.inf
-        ranked = sorted(
-            sorted(scored, key=lambda r: r.step),
-            key=lambda r: worst if math.isnan(r.score) else r.score,  # type: ignore[arg-type]
-            reverse=self._options.best_mode == "min",
-        )
+
+        def quality(r: StepRecord) -> float:
+            score = float(r.score if r.score is not None else worst)
+            return worst if math.isnan(score) else score
+
+        # orbax's order: stable sort by score (ascending quality), the best is last.
+        ranked = sorted(sorted(scored, key=lambda r: r.step), key=quality, reverse=self._options.best_mode == "min")
         return ranked[-1].step
 
     def metrics(self, step: int) -> Any:
@@ -584,7 +586,7 @@ class CheckpointManager:
         strategy = distributed.commit_strategy(self._strategy, collective)  # the primary begins and commits
         staging = strategy.begin(final)
         try:
-            described = {}
+            described: dict[str, dict[str, Any]] = {}
             for name, (kind, payload) in items.items():
                 target = staging.child(name)
                 if kind == "json" and not self._primary:
