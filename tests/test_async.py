@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+from ckptcore_zarr3.tensorstore_format import TensorStoreFormat
 
 import ckptcore
 from ckptcore import hookimpl
@@ -24,7 +25,6 @@ from ckptcore.errors import (
     UnsupportedLeafError,
 )
 from ckptcore.registrations import ArrayFormatRegistration
-from ckptcore_zarr3.tensorstore_format import TensorStoreFormat
 
 GATE_LIMIT_S = 60  # a broken test must not hang the suite
 
@@ -154,8 +154,8 @@ def test_reused_buffers_never_leak_into_an_earlier_checkpoint(tmp_path, gated):
         ck.save(tmp_path / "b", second, format="gated")
         ck.wait_until_finished()
     # the second snapshot went into the first one's buffers (same sizes)...
-    big_first = [r for r in gated.requests[0] if r.key == "big"][0].shards[0].data
-    big_second = [r for r in gated.requests[1] if r.key == "big"][0].shards[0].data
+    big_first = next(r for r in gated.requests[0] if r.key == "big").shards[0].data
+    big_second = next(r for r in gated.requests[1] if r.key == "big").shards[0].data
     assert np.shares_memory(big_first, big_second)
     # ...and neither checkpoint was affected.
     assert_equal(ckptcore.restore(tmp_path / "a"), expected_first)
@@ -168,8 +168,8 @@ def test_without_buffer_reuse_each_snapshot_is_fresh(tmp_path, gated):
         ck.save(tmp_path / "a", state(2), format="gated")
         ck.wait_until_finished()
         ck.save(tmp_path / "b", state(3), format="gated")
-    a = [r for r in gated.requests[0] if r.key == "big"][0].shards[0].data
-    b = [r for r in gated.requests[1] if r.key == "big"][0].shards[0].data
+    a = next(r for r in gated.requests[0] if r.key == "big").shards[0].data
+    b = next(r for r in gated.requests[1] if r.key == "big").shards[0].data
     assert not np.shares_memory(a, b)
 
 
