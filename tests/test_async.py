@@ -473,3 +473,32 @@ def test_progress_of_async_save_and_restore(tmp_path):
         assert rec.last == (total, total)
         done = [d for d, _ in rec.calls]
         assert done == sorted(done) and all(t == total for _, t in rec.calls)
+
+
+def test_snapshot_copies_every_dtype_and_layout(tmp_path):
+    import ml_dtypes
+
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((40, 30))
+    tree = {
+        "bf16": base.astype(ml_dtypes.bfloat16),
+        "int4": np.arange(-8, 8, dtype=ml_dtypes.int4),
+        "fortran": np.asfortranarray(base),
+        "strided": base[::3, ::2],
+        "transposed": base.T,
+        "big_endian": base.astype(">f8"),
+        "complex": (base + 1j * base).astype(np.complex64),
+        "bool": base > 0,
+        "scalar": np.array(3.5),
+        "empty": np.zeros((0, 4), np.int16),
+        "large_strided": rng.standard_normal((1 << 11, 1 << 10))[:, ::2],  # 8 MiB, not contiguous
+    }
+    expected = {k: np.array(v, copy=True) for k, v in tree.items()}
+    with ckptcore.AsyncCheckpointer() as ck:
+        ck.save(tmp_path / "a", tree)
+        for value in tree.values():
+            value[...] = 0  # mutate every source right away
+    restored = ckptcore.restore(tmp_path / "a")
+    for key, value in expected.items():
+        assert restored[key].dtype == value.dtype.newbyteorder("=") and restored[key].shape == value.shape, key
+        np.testing.assert_array_equal(restored[key], value, err_msg=key)
