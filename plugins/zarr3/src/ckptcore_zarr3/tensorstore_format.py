@@ -126,7 +126,11 @@ class TensorStoreFormat:
             for shard in r.shards:
                 if math.prod(shard.data.shape) == 0:
                     continue
-                pending.append(store[shard.index].write(_view(shard.data, byte_view)))
+                # The caller keeps its arrays unchanged until write() returns (saves snapshot
+                # first when they must not), so TensorStore may encode straight from them:
+                # no copy into chunk buffers (half the CPU time of a large save).
+                data = _view(shard.data, byte_view)
+                pending.append(store[shard.index].write(data, can_reference_source_data_indefinitely=True))
         for p in pending:
             p.result()
         return infos
