@@ -87,6 +87,7 @@ class Lease:
         self.lost: str | None = None  # why the lease was lost, if it was
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._released = False
 
     def _doc(self) -> bytes:
         doc = {
@@ -126,6 +127,9 @@ class Lease:
         _atomic_write(self.location, self.path, self._doc())
 
     def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5)
@@ -137,7 +141,7 @@ class Lease:
                 self.location.fs.rm_file(self.path)
         except FileNotFoundError:
             pass
-        except OSError as exc:
+        except Exception as exc:  # storage unreachable: the lease expires by itself
             log.warning("could not remove lease %s (it expires by itself): %s", self.path, exc)
 
 

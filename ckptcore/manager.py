@@ -24,6 +24,7 @@ import operator
 import os
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -235,6 +236,9 @@ class CheckpointManager:
             names = self._open_root()
             if setup and opts.writer_lock:
                 self._writer_lease = locks.acquire_writer_lock(self._root, opts.lease_ttl_secs)
+                # A manager dropped without close() must not keep the directory locked until
+                # its lease expires (e.g. re-created in a notebook): release when collected.
+                self._release_lock = weakref.finalize(self, self._writer_lease.release)
             root_doc = read_root_file(self._root) if ROOT_FILE in names else None
             if root_doc is None and setup:
                 root_doc = self._write_root_file(user_metadata)
@@ -648,18 +652,20 @@ class CheckpointManager:
     def _apply_retention_here(self, just_saved: int) -> list[int]:
         with self._lock:
             records = [self._records[s] for s in sorted(self._records)]
-            doomed = steps_to_delete(records, self._options)
-            if not doomed:
-                return []
-            # Never the step this run restored from (until a newer one is committed), never a
-            # step a reader holds: both are deleted by a later retention pass instead.
-            protected = locks.leased_steps(self._root, clean_expired=True)
+        doomed = steps_to_delete(records, self._options)
+        if not doomed:
+            return []
+        # Never the step this run restored from (until a newer one is committed), never a
+        # step a reader holds: both are deleted by a later retention pass instead. (The
+        # lease listing is storage I/O: done outside the lock so all_steps() never waits on it.)
+        protected = locks.leased_steps(self._root, clean_expired=True)
+        with self._lock:
             if self._restored_step is not None:
                 protected.add(self._restored_step)
             kept = [s for s in doomed if s in protected]
             if kept:
                 log.info("retention keeps steps %s for now: being read, or restored from", kept)
-            doomed = [s for s in doomed if s not in protected]
+            doomed = [s for s in doomed if s not in protected and s in self._records]
             removed = {s: (self._records.pop(s), self._names.pop(s)) for s in doomed}
         if not removed:
             return []
@@ -896,7 +902,7 @@ class CheckpointManager:
             self.wait_until_finished()
         finally:
             if self._writer_lease is not None:
-                self._writer_lease.release()
+                self._release_lock()  # runs release() once, and never again at garbage collection
                 self._writer_lease = None
 
     def __enter__(self) -> CheckpointManager:

@@ -162,3 +162,33 @@ def test_writer_killed_before_commit_loses_no_committed_step(tmp_path):
         mgr.save(2, {"w": np.full(1000, 2.0)})
         assert mgr.all_steps() == [2]
     assert not [p for p in os.listdir(tmp_path) if ".ckptcore-tmp-" in p]
+
+
+def test_writer_that_lost_its_lock_stops_saving(tmp_path):
+    mgr = CheckpointManager(tmp_path, opts(lease_ttl_secs=0.6))
+    try:
+        mgr.save(1, {"w": np.ones(3)})
+        # Its lease expired (say the storage stalled) and another host took the directory over.
+        lock = tmp_path / ".ckptcore-writer.json"
+        lock.write_text(json.dumps({"owner": "other", "host": "other-host", "pid": 1, "expires": time.time() + 3600}))
+        deadline = time.time() + 20
+        while mgr._writer_lease.lost is None:  # noticed at its next refresh
+            assert time.time() < deadline, "the lost lock was never noticed"
+            time.sleep(0.05)
+        with pytest.raises(ConcurrentWriterError, match="lost the writer lock"):
+            mgr.save(2, {"w": np.ones(3)})
+        assert mgr.all_steps() == [1]
+    finally:
+        mgr.close()
+    assert json.loads(lock.read_text())["owner"] == "other"  # the new holder's lock is left alone
+
+
+def test_manager_dropped_without_close_releases_its_lock(tmp_path):
+    import gc
+
+    mgr = CheckpointManager(tmp_path, opts())
+    mgr.save(1, {"w": np.ones(3)})
+    del mgr
+    gc.collect()
+    with CheckpointManager(tmp_path, opts()) as again:
+        assert again.all_steps() == [1]
