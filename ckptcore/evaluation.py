@@ -8,6 +8,7 @@ retention deleted before the evaluator got to it is skipped.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -17,6 +18,8 @@ from ckptcore import locks, storage
 from ckptcore.errors import CheckpointError
 from ckptcore.manager import committed_steps, read_root_file
 from ckptcore.registrations import AtomicCommit, Location
+
+log = logging.getLogger("ckptcore.evaluation")
 
 
 def _open(directory: str | os.PathLike[str], storage_options: Mapping[str, Any] | None) -> tuple[Location, AtomicCommit]:
@@ -106,13 +109,19 @@ def checkpoints_iterator(
                 return
             continue
         last = step
-        lease = locks.acquire_reader_lease(root, step, lease_ttl_secs)
+        try:
+            lease: locks.Lease | None = locks.acquire_reader_lease(root, step, lease_ttl_secs)
+        except Exception as exc:  # e.g. read-only credentials: evaluate unprotected rather than not at all
+            log.warning("could not take a reader lease on step %d of %s (%s); retention may delete it while "
+                        "it is read", step, root.url, exc)
+            lease = None
         try:
             # Deleted between the listing and the lease? Then it is gone for good: skip it.
             if step in committed_steps(root, strategy, _prefixes(root, step_prefix)):
                 yield step
         finally:
-            lease.release()
+            if lease is not None:
+                lease.release()
         pause = min_interval_secs - (time.monotonic() - started)
         if pause > 0:
             time.sleep(pause)

@@ -835,7 +835,7 @@ class CheckpointManager:
     def _reader_lease(self, step: int) -> locks.Lease | None:
         try:
             return locks.acquire_reader_lease(self._root, step, self._options.lease_ttl_secs)
-        except OSError as exc:  # e.g. read-only credentials: read unprotected rather than not at all
+        except Exception as exc:  # e.g. read-only credentials: read unprotected rather than not at all
             log.warning("could not take a reader lease on step %d of %s (%s); reading without it",
                         step, self._root.url, exc)
             return None

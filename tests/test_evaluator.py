@@ -176,3 +176,15 @@ def test_restore_in_another_process_holds_a_lease(tmp_path, step_prefix):
         if proc.poll() is None:
             proc.kill()
     assert os.listdir(tmp_path / ".ckptcore-readers") == []
+
+
+def test_readers_without_write_access_still_read(tmp_path, caplog):
+    # Leases cannot be written (here: their directory's name is taken by a file, as good as
+    # read-only storage): restore and the iterator warn and read without protection.
+    with CheckpointManager(tmp_path, CheckpointManagerOptions(enable_async_checkpointing=False)) as mgr:
+        mgr.save(1, {"w": np.ones(4)})
+    (tmp_path / ".ckptcore-readers").write_text("not a directory")
+    with CheckpointManager(tmp_path, CheckpointManagerOptions(read_only=True)) as ro:
+        np.testing.assert_array_equal(ro.restore(1)["w"], np.ones(4))
+    assert list(ckptcore.checkpoints_iterator(tmp_path, timeout=0.1, seconds_to_sleep=0.02)) == [1]
+    assert "could not take a reader lease" in caplog.text
