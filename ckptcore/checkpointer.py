@@ -178,7 +178,7 @@ class AsyncCheckpointer(_CheckpointerBase):
         self._urls: dict[background.Job, str] = {}
         self._save_lock = threading.Lock()  # one snapshot at a time per checkpointer
         self._table_lock = threading.Lock()
-        _live.add(self)
+        _writers.add(self._writer)
 
     # -- saving ------------------------------------------------------------------------
 
@@ -299,7 +299,6 @@ class AsyncCheckpointer(_CheckpointerBase):
             self._closed = True
             if self._pool is not None:
                 self._pool.clear()
-            _live.discard(self)
 
 
 def _keep(value: np.ndarray) -> np.ndarray:
@@ -440,16 +439,23 @@ def _copy_executor(threads: int) -> ThreadPoolExecutor:
         return _executor
 
 
-# At interpreter exit, background threads (daemons) would die mid-write: wait for them.
-_live: weakref.WeakSet[AsyncCheckpointer] = weakref.WeakSet()
+# At interpreter exit, background threads (daemons) would die mid-write: wait for them,
+# even for a checkpointer already garbage-collected (a running job keeps its writer alive).
+_writers: weakref.WeakSet[background.BackgroundWriter] = weakref.WeakSet()
 
 
 def _wait_at_exit() -> None:
-    for checkpointer in list(_live):
+    for writer in list(_writers):
         try:
-            checkpointer.close()
+            writer.wait()
         except Exception as exc:  # nobody is left to raise it to
             logger.error("ckptcore: a background save failed at exit: %s", exc)
 
 
-atexit.register(_wait_at_exit)
+# threading's exit hooks run before concurrent.futures refuses new work (the write needs
+# thread pools) and in reverse order of registration: registered after its own, ours runs first.
+_register_atexit = getattr(threading, "_register_atexit", None)
+if _register_atexit is not None:
+    _register_atexit(_wait_at_exit)
+else:  # pragma: no cover - every CPython >= 3.9 has it
+    atexit.register(_wait_at_exit)

@@ -51,3 +51,17 @@ def test_async_save_of_sharded_jax_arrays_survives_deleting_them(tmp_path):
     whole = ckptcore.restore(tmp_path / "j")
     np.testing.assert_array_equal(np.asarray(whole["y"]), np.arange(10))
     np.testing.assert_array_equal(whole["n"], np.full(7, 3.0))
+
+
+def test_a_save_in_flight_at_interpreter_exit_is_finished_not_lost(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, ckptcore\n"
+        "ck = ckptcore.AsyncCheckpointer()\n"
+        "ck.save(sys.argv[1], {'w': np.arange(1 << 20, dtype=np.float32)})\n"
+        "del ck\n"  # neither waited for nor closed: the exit hook must finish the write
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "a")], check=True, timeout=120)
+    np.testing.assert_array_equal(ckptcore.restore(tmp_path / "a")["w"], np.arange(1 << 20, dtype=np.float32))
