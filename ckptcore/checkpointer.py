@@ -168,7 +168,9 @@ class AsyncCheckpointer(_CheckpointerBase):
         if timeout is not None and not timeout > 0:
             raise InvalidOptionError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
         if max_bytes_in_flight is not None and max_bytes_in_flight <= 0:
-            raise InvalidOptionError(f"max_bytes_in_flight must be a positive number of bytes or None, not {max_bytes_in_flight!r}")
+            raise InvalidOptionError(
+                f"max_bytes_in_flight must be a positive number of bytes or None, not {max_bytes_in_flight!r}"
+            )
         self._timeout = timeout
         self._limit = max_bytes_in_flight
         self._pool = _BufferPool() if reuse_buffers else None
@@ -237,7 +239,11 @@ class AsyncCheckpointer(_CheckpointerBase):
                     snapshot.release()  # the write no longer reads the buffers
 
             with self._table_lock:
-                job = self._writer.enqueue(write, description=f"save to {url}", deadline=self._timeout)
+                try:
+                    job = self._writer.enqueue(write, description=f"save to {url}", deadline=self._timeout)
+                except BaseException:  # an earlier save failed meanwhile: raised now, this one is dropped
+                    snapshot.release()
+                    raise
                 self._bytes[job] = prepared.nbytes
                 self._urls[job] = url
 
