@@ -248,8 +248,8 @@ class Scope:
     def key(self, slot: str) -> str:
         return f"{KEY_PREFIX}/{self.group.tag}/{self.name}/{self.seq}/{slot}"
 
-    def deadline(self) -> float:
-        return time.monotonic() + self.group.timeout_s
+    def deadline(self, factor: float = 1.0) -> float:
+        return time.monotonic() + factor * self.group.timeout_s
 
     # The value of every slot is {"ok": value} or {"error": message, "process": index}.
 
@@ -290,7 +290,7 @@ class Scope:
                 return json.loads(aborted)
             if time.monotonic() >= deadline:
                 raise CheckpointTimeoutError(
-                    f"{self.what}: timed out after {self.group.timeout_s:g} s waiting for process {process} "
+                    f"{self.what}: timed out waiting for process {process} "
                     f"({slot!r}); it died, hangs, or did not make the same checkpoint call (every process "
                     "must make the same calls in the same order)"
                 )
@@ -311,7 +311,9 @@ class Scope:
                 raise
             self.put(slot, value)
             return value
-        value = self.get(slot, self.group.primary, self.deadline())
+        # Twice as long as the primary waits for anyone: when a process dies, the primary's
+        # error (naming it) reaches everyone before their own timeouts.
+        value = self.get(slot, self.group.primary, self.deadline(2.0))
         self._ack(slot)
         return value
 
@@ -437,14 +439,17 @@ class CollectiveCommit:
                 raise AlreadyExistsError(f"a checkpoint already exists at {final.url}; pass force=True to replace it")
             return _relative_name(final, self.strategy.begin(final))
 
-        staging = _staging_location(final, scope.broadcast("staging", begin))
+        try:
+            staging = _staging_location(final, scope.broadcast("staging", begin))
+        except BaseException as exc:
+            scope.fail(exc)
+            raise
         with _active_lock:
             _active[staging.url] = self.collective
         return staging
 
     def commit(self, staging: Location, final: Location, *, replace: bool) -> None:
         scope = self.collective.scope
-        scope.gather("ready", True)  # the primary learns that every process's data is durable
 
         def commit() -> str:
             if self.before_commit is not None:
@@ -453,7 +458,11 @@ class CollectiveCommit:
             return "committed"
 
         try:
+            scope.gather("ready", True)  # the primary learns that every process's data is durable
             scope.broadcast("outcome", commit)
+        except BaseException as exc:
+            scope.fail(exc)
+            raise
         finally:
             self._forget(staging)
 

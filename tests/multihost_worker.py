@@ -27,6 +27,13 @@ RESULT: dict[str, Any] = {"process": CONFIG["process_id"]}
 def emit(code: int) -> None:
     with open(CONFIG["out"], "w") as f:
         json.dump(RESULT, f)
+    if CONFIG["process_id"] == 0:
+        # Process 0 hosts the coordination service: leaving at once could abort the others
+        # before they report. Wait (bounded) for their results.
+        deadline = time.monotonic() + 30
+        others = [o for o in CONFIG.get("outs", []) if o != CONFIG["out"]]
+        while time.monotonic() < deadline and not all(os.path.exists(o) for o in others):
+            time.sleep(0.1)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -38,6 +45,8 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", int(CONFIG["devices"]))
+if CONFIG.get("no_preemption_service"):
+    jax.config.update("jax_enable_preemption_service", False)
 if CONFIG["processes"] > 1:
     jax.distributed.initialize(
         coordinator_address=f"127.0.0.1:{CONFIG['port']}",
@@ -211,16 +220,17 @@ def scenario_save_restore() -> None:
     RESULT["tiny_save_s"] = sorted(times)[len(times) // 2]
 
 
-def scenario_save() -> None:
+def scenario_actions() -> None:
+    """``actions``: ["save", path, step, format] or ["restore", path, step], on this job's mesh."""
     mesh = make_mesh(CONFIG["mesh"])
-    ckptcore.save(CONFIG["path"], make_state(mesh, step=CONFIG.get("step", 0)), format=CONFIG.get("format"))
-    RESULT["saved"] = True
-
-
-def scenario_restore() -> None:
-    for path, step in CONFIG["paths"]:
-        mesh = make_mesh(CONFIG["mesh"])
-        RESULT.setdefault("checked", []).append(check_state(ckptcore.restore(path, make_target(mesh)), mesh, step=step))
+    for action in CONFIG["actions"]:
+        if action[0] == "save":
+            ckptcore.save(action[1], make_state(mesh, step=action[2]), format=action[3])
+        else:
+            restored = ckptcore.restore(action[1], make_target(mesh))
+            RESULT.setdefault("checked", []).append(check_state(restored, mesh, step=action[2]))
+    if "subset" in CONFIG:
+        scenario_subset()
 
 
 def scenario_single_replica() -> None:
@@ -247,16 +257,17 @@ def scenario_kill() -> None:
 
 
 def scenario_subset() -> None:
-    """Only processes 1.. take part (primary 1); arrays live on their devices."""
-    active = CONFIG["active"]
+    """Only the processes ``subset`` take part (primary: the last); arrays live on their devices."""
+    active = CONFIG["subset"]
     if ME not in active:
         RESULT["skipped"] = True
         return
     devices = [d for d in jax.devices() if d.process_index in active]
     mesh = jax.make_mesh((len(active), len(devices) // len(active)), ("data", "model"), devices=devices)
-    with distributed.multiprocess_options(processes=active, primary=CONFIG["primary"]):
-        ckptcore.save(CONFIG["path"], make_state(mesh))
-        RESULT["checked"] = check_state(ckptcore.restore(CONFIG["path"], make_target(mesh)), mesh)
+    path = f"{CONFIG['dir']}/subset"
+    with distributed.multiprocess_options(processes=active, primary=active[-1]):
+        ckptcore.save(path, make_state(mesh, step=5))
+        RESULT["subset_checked"] = check_state(ckptcore.restore(path, make_target(mesh)), mesh, step=5)
 
 
 def scenario_tiny() -> None:
@@ -310,6 +321,29 @@ def scenario_manager() -> None:
     RESULT["on_disk"] = sorted(n for n in os.listdir(root) if not n.startswith("."))
 
 
+def scenario_preemption() -> None:
+    """The last process gets SIGTERM at step 3; every process must stop at the same step."""
+    import signal
+
+    mgr = ckptcore.CheckpointManager(f"{CONFIG['dir']}/run", ckptcore.CheckpointManagerOptions(save_interval_steps=100))
+    distributed.install_preemption_handler()
+    RESULT["sync_manager"] = distributed._sync_manager() is not None
+    stop = None
+    for step in range(60):
+        if step == 3 and ME == CONFIG["processes"] - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if mgr.reached_preemption(step):
+            mgr.save(step, {"step": np.int64(step)}, force=True)
+            stop = step
+            break
+        time.sleep(0.02 * (ME + 1))  # processes run at different speeds
+    mgr.close()
+    RESULT["stopped_at"] = stop
+    RESULT["steps"] = ckptcore.CheckpointManager(
+        f"{CONFIG['dir']}/run", ckptcore.CheckpointManagerOptions(read_only=True)
+    ).all_steps()
+
+
 def main() -> None:
     try:
         globals()[f"scenario_{CONFIG['scenario']}"]()
@@ -319,10 +353,6 @@ def main() -> None:
         RESULT["is_checkpoint_error"] = isinstance(exc, ckptcore.CheckpointError)
         RESULT["traceback"] = traceback.format_exc()
         emit(1)
-    if CONFIG["processes"] > 1:  # nobody leaves (and takes the coordinator away) while others still talk
-        from jax._src import distributed as jd
-
-        jd.global_state.client.wait_at_barrier("worker-done", 60_000)
     emit(0)
 
 
