@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 WORKER = Path(__file__).with_name("multihost_worker.py")
 JOB_TIMEOUT_S = 90
 
@@ -26,10 +28,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_job(tmp_path: Path, scenario: str, processes: int, devices: int, **config: Any) -> list[dict[str, Any]]:
+def run_job(
+    tmp_path: Path, scenario: str, processes: int, devices: int, env: dict[str, str] | None = None, **config: Any
+) -> list[dict[str, Any]]:
     """Run one job; return each process's result (``{"exit": code, ...}``)."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, **(env or {})}
     procs = []
     outs = [tmp_path / f"result-{scenario}-{port}-{i}.json" for i in range(processes)]
     victim = config.get("victim")
@@ -195,3 +199,21 @@ def test_preemption_every_process_saves_the_same_step(tmp_path: Path) -> None:
         stops = {r["stopped_at"] for r in results}
         assert len(stops) == 1 and stops.pop() >= 3
         assert results[0]["steps"] == [results[0]["stopped_at"]]
+
+
+@pytest.mark.parametrize("scheme", ["gs", "s3"])
+def test_two_processes_on_object_store_emulator(tmp_path: Path, scheme: str) -> None:
+    from ckptcore.testing import servers
+
+    start, env, create = (
+        (servers.start_fake_gcs, servers.gcs_env, servers.create_gcs_bucket) if scheme == "gs"
+        else (servers.start_moto, servers.s3_env, servers.create_s3_bucket)
+    )
+    with start() as server:
+        create(server.endpoint, "multihost")
+        url = f"{scheme}://multihost/ckpt"
+        results = ok(run_job(
+            tmp_path, "actions", 2, 4, mesh=[2, 4], env=env(server.endpoint),
+            actions=[["save", url, 3, "ocdbt"], ["restore", url, 3]],
+        ))
+        assert [r["checked"] for r in results] == [[16], [16]]
