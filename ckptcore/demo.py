@@ -134,6 +134,9 @@ def run_demo(directory: str | None = None, size_mb: int = 1) -> int:
         saves = 0
         state = state0
         with CheckpointManager(run_dir, options, metadata={"demo": "mlp-regression"}) as mgr:
+            if mgr.all_steps():
+                print(f"{run_dir} already holds steps {mgr.all_steps()} (an earlier demo?): give an empty --directory")
+                return 2
             for step in range(1, INTERRUPT_AT + 1):
                 state, loss = train_step(state, teacher)
                 first_loss = loss if step == 1 else first_loss

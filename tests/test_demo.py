@@ -24,6 +24,11 @@ def test_demo_resumes_bit_identical_and_keeps_three_steps(tmp_path, capsys):
         assert restored.config["hidden"] > 0
         assert isinstance(mgr.metrics(300)["loss"], float)
         assert mgr.metadata() == {"demo": "mlp-regression"}
+    # Run again into the same directory: refused, nothing touched.
+    assert run_demo(str(tmp_path), size_mb=1) == 2
+    assert "give an empty --directory" in capsys.readouterr().out
+    with CheckpointManager(tmp_path / "run", CheckpointManagerOptions(read_only=True)) as mgr:
+        assert mgr.all_steps() == [250, 275, 300]
 
 
 def test_demo_command_runs_without_jax(tmp_path):
@@ -47,3 +52,4 @@ def test_rng_state_round_trips_exactly():
     clone = _unpack_rng(_pack_rng(rng))
     np.testing.assert_array_equal(rng.standard_normal(5), clone.standard_normal(5))
     assert rng.integers(0, 2**32, 4, dtype=np.uint32).tolist() == clone.integers(0, 2**32, 4, dtype=np.uint32).tolist()
+
