@@ -132,13 +132,20 @@ def start_host_copies(state: Any) -> None:
         if not arrays.is_jax_value(value) or not hasattr(type(value), "addressable_shards"):
             continue
         try:
-            if value.is_deleted():
-                continue  # plan_write reports it
+            if value.is_deleted() or _on_cpu(value):
+                continue  # deleted: plan_write reports it; on CPU the host view needs no copy
+            if value.is_fully_addressable and value.nbytes <= SMALL_GATHER_BYTES:
+                value.copy_to_host_async()  # gathered whole by plan_write
+                continue
             for shard in value.addressable_shards:
                 if shard.replica_id == 0:
                     shard.data.copy_to_host_async()
         except Exception:  # a prefetch only: plan_write raises the real error, if any
             continue
+
+
+def _on_cpu(value: Any) -> bool:
+    return all(d.platform == "cpu" for d in value.sharding.device_set)
 
 
 def _leaves(tree: Any) -> Iterator[Any]:
@@ -227,7 +234,7 @@ def plan_read(
     index_map = _index_map(where, sharding, shape)
 
     nbytes = math.prod(shape) * dtype.itemsize
-    if sharding.is_fully_addressable and (nbytes <= SMALL_GATHER_BYTES or _is_whole(index_map, shape)):
+    if sharding.is_fully_addressable and nbytes <= SMALL_GATHER_BYTES:
         regions: list[Index] = [arrays.full_index(shape)]
         placement: list[list[Any]] | None = None  # jax.device_put(host, sharding) splits it
     else:
@@ -251,7 +258,7 @@ def plan_read(
             on_device: dict[Any, Any] = {}
             for i, devices in enumerate(placement):
                 host, results[i] = results[i], None
-                for device, array in zip(devices, jax.device_put([host] * len(devices), devices), strict=True):
+                for device, array in zip(devices, _put(host, devices), strict=True):
                     on_device[device] = array
                 del host
             results.clear()
@@ -266,6 +273,37 @@ def plan_read(
         return out
 
     return request, finish
+
+
+def _put(host: np.ndarray, devices: list[Any]) -> list[Any]:
+    """``host`` on each of ``devices``.
+
+    On CPU devices JAX adopts a 64-byte aligned, C-contiguous host buffer without copying
+    it, so each CPU device gets such a buffer (the region itself when it already is one,
+    else an aligned copy made here): the one copy is then made in NumPy memory, and the
+    formats' read buffers are released to be reused by the next wave instead of piling up
+    beside the device copies XLA would otherwise allocate.
+    """
+    import jax
+
+    others = [d for d in devices if d.platform != "cpu"]
+    cpus = [d for d in devices if d.platform == "cpu"]
+    placed = dict(zip(others, jax.device_put([host] * len(others), others), strict=True)) if others else {}
+    for i, device in enumerate(cpus):
+        adoptable = i == 0 and host.flags.c_contiguous and host.ctypes.data % _CPU_ALIGN == 0
+        placed[device] = jax.device_put(host if adoptable else _aligned_copy(host), device)
+    return [placed[device] for device in devices]
+
+
+_CPU_ALIGN = 64
+
+
+def _aligned_copy(host: np.ndarray) -> np.ndarray:
+    raw = np.empty(host.nbytes + _CPU_ALIGN, np.uint8)
+    start = -raw.ctypes.data % _CPU_ALIGN
+    out = raw[start : start + host.nbytes].view(host.dtype).reshape(host.shape)
+    np.copyto(out, host)
+    return out
 
 
 def _index_map(where: str, sharding: Any, shape: tuple[int, ...]) -> dict[Any, Index]:
@@ -286,11 +324,6 @@ def _dedupe(index_map: dict[Any, Index]) -> tuple[list[Index], list[list[Any]]]:
     for device, index in index_map.items():
         by_region.setdefault(_key(index), (index, []))[1].append(device)
     return [index for index, _ in by_region.values()], [devices for _, devices in by_region.values()]
-
-
-def _is_whole(index_map: dict[Any, Index], shape: tuple[int, ...]) -> bool:
-    full = _key(arrays.full_index(shape))
-    return all(_key(index) == full for index in index_map.values())
 
 
 def _normalize(index: tuple[Any, ...], shape: tuple[int, ...]) -> Index:

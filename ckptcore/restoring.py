@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptcore import arrays, distributed, index, storage
+from ckptcore import arrays, distributed, index, memory, storage
 from ckptcore.dtypes import dtype_from_name
 from ckptcore.errors import (
     CheckpointError,
@@ -28,7 +28,9 @@ from ckptcore.plugins import registry
 from ckptcore.registrations import Location, ProgressCallback, ReadRequest
 from ckptcore.tree import ARRAY_KINDS, Node, build_container, children, decode_scalar, is_namedtuple, iter_leaves
 
-DEFAULT_MAX_BYTES_IN_FLIGHT = 1 << 30
+# Small enough that a restore onto devices (whose host copies are transient) peaks near its
+# result's size, large enough to keep the format's reads parallel.
+DEFAULT_MAX_BYTES_IN_FLIGHT = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -310,6 +312,8 @@ def _execute_reads(
             for r, arrays_read in zip(wave, results, strict=True):
                 r.slot[0] = r.finish(arrays_read)
                 done += r.request.dtype.itemsize * _region_elements(r.request)
+            del results
+            memory.release_free_memory()  # the wave's read buffers, before the next wave allocates
             if progress:
                 progress(done, total)
 
