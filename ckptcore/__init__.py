@@ -37,6 +37,9 @@ _LAZY = {
     "ArrayFormatRegistration": "ckptcore.registrations",
     "SaveContext": "ckptcore.registrations",
     "clean": "ckptcore.cleanup",
+    "MultiprocessOptions": "ckptcore.distributed",
+    "multiprocess_options": "ckptcore.distributed",
+    "set_multiprocess_options": "ckptcore.distributed",
     "CheckpointManager": "ckptcore.manager",
     "CheckpointManagerOptions": "ckptcore.manager_options",
     "Composite": "ckptcore.composite",
@@ -53,6 +56,7 @@ if TYPE_CHECKING:
     from ckptcore.checkpointer import AsyncCheckpointer, Checkpointer
     from ckptcore.cleanup import clean
     from ckptcore.composite import Composite, Json
+    from ckptcore.distributed import MultiprocessOptions, multiprocess_options, set_multiprocess_options
     from ckptcore.evaluation import checkpoints_iterator, wait_for_new_checkpoint
     from ckptcore.hookspecs import hookimpl
     from ckptcore.manager import CheckpointManager

@@ -738,7 +738,7 @@ def read_arrays(
     for i, r in enumerate(requests):
         if "writers" not in r.info:
             continue
-        results[i] = [np.empty([s.stop - s.start for s in region], dtype=r.dtype) for region in r.regions]
+        results[i] = [None] * len(r.regions)  # filled by the pieces (allocated when there are several)
         covered = [0] * len(r.regions)
         for writer in r.info["writers"]:
             for index in writer["shards"]:
@@ -748,11 +748,13 @@ def read_arrays(
                         pieces.setdefault(int(writer["process"]), []).append((i, j, piece, writer["info"]))
                         covered[j] += int(np.prod([p.stop - p.start for p in piece], dtype=np.int64))
         for j, region in enumerate(r.regions):
-            if covered[j] != results[i][j].size:
+            size = int(np.prod([s.stop - s.start for s in region], dtype=np.int64))
+            if covered[j] != size:
                 raise CorruptCheckpointError(
                     f"array {r.key!r}: the writers recorded in the index cover {covered[j]} of the "
-                    f"{results[i][j].size} elements of region {[(s.start, s.stop) for s in region]}; the index is corrupt"
+                    f"{size} elements of region {[(s.start, s.stop) for s in region]}; the index is corrupt"
                 )
+    allocate = threading.Lock()
 
     def read_from(process: int) -> None:
         items = pieces[process]
@@ -769,6 +771,13 @@ def read_arrays(
         for i, arrays_read in zip(leaves, got, strict=True):
             for (j, piece, _), data in zip(by_leaf[i], arrays_read, strict=True):
                 region = requests[i].regions[j]
+                if all(p == s for p, s in zip(piece, region, strict=True)):
+                    results[i][j] = data  # one writer holds the whole region: no copy
+                    continue
+                with allocate:
+                    if results[i][j] is None:
+                        shape = [s.stop - s.start for s in region]
+                        results[i][j] = np.empty(shape, dtype=requests[i].dtype)
                 dest = tuple(slice(p.start - s.start, p.stop - s.start) for p, s in zip(piece, region, strict=True))
                 results[i][j][dest] = data
 
@@ -878,33 +887,48 @@ def restore(
     replica_axis: str | None = None,
     **kwargs: Any,
 ) -> Any:
-    """:func:`ckptcore.restore`, optionally reading each replicated array only once.
-
-    With ``single_replica`` (default: the multi-process options') every ``jax.Array``
-    target leaf whose sharding replicates it along ``replica_axis`` is read only by the
-    devices at index 0 of that axis and then copied to the other replicas by a jitted
-    identity (XLA moves the data between devices and processes). Other leaves restore as usual.
-    """
+    """:func:`ckptcore.restore` with the single-replica options given per call."""
     from ckptcore import restoring
 
-    opts = current_options()
-    single = opts.single_replica_restore if single_replica is None else single_replica
-    if not single or target is None:
+    changes: dict[str, Any] = {}
+    if single_replica is not None:
+        changes["single_replica_restore"] = single_replica
+    if replica_axis is not None:
+        changes["replica_axis"] = replica_axis
+    with multiprocess_options(**changes):
         return restoring.restore(path, target, **kwargs)
+
+
+def single_replica_targets(target: Any) -> tuple[Any, Callable[[Any], Any]]:
+    """The target to read, and how to finish the result, for a single-replica restore.
+
+    With ``MultiprocessOptions.single_replica_restore`` every ``jax.Array`` target leaf
+    whose ``NamedSharding`` replicates it along the replica axis is read only by the
+    devices at index 0 of that axis, then copied to the other replicas by a jitted
+    identity (XLA moves the data between devices and processes). Otherwise (and without
+    JAX) the target itself and the identity.
+    """
+    opts = current_options()
+    if not opts.single_replica_restore or target is None or "jax" not in sys.modules:
+        return target, lambda restored: restored
     import jax
 
-    axis = replica_axis or opts.replica_axis
     plans: list[Any] = []
 
     def narrow(leaf: Any) -> Any:
-        plan = _replica_plan(leaf, axis)
+        plan = _replica_plan(leaf, opts.replica_axis)
         plans.append(plan)
         return plan.read_target if plan is not None else leaf
 
     narrowed = jax.tree_util.tree_map(narrow, target)
-    restored = restoring.restore(path, narrowed, **kwargs)
-    it = iter(plans)
-    return jax.tree_util.tree_map(lambda value, _: _broadcast(value, next(it)), restored, target)
+    if not any(plans):
+        return target, lambda restored: restored
+
+    def widen(restored: Any) -> Any:
+        leaves, treedef = jax.tree_util.tree_flatten(restored)
+        return jax.tree_util.tree_unflatten(treedef, [_broadcast(v, p) for v, p in zip(leaves, plans, strict=True)])
+
+    return narrowed, widen
 
 
 @dataclass

@@ -275,12 +275,13 @@ def restore_location(
 
     For callers that commit several checkpoints as one unit, such as a manager's items.
     """
+    target, widen = distributed.single_replica_targets(target)  # identity unless that option is on
     planner = _Planner(partial)
     planner.saved_paths = [format_key_path(p) for p, _ in iter_leaves(doc["tree"])]
     skeleton = planner.plan(doc["tree"], target, (), target is not None)
     planner.raise_if_mismatched(location.url)
     _execute_reads(location, doc, planner.reads, max_bytes_in_flight or DEFAULT_MAX_BYTES_IN_FLIGHT, progress)
-    return _fill(skeleton, {id(r.slot) for r in planner.reads})
+    return widen(_fill(skeleton, {id(r.slot) for r in planner.reads}))
 
 
 def _execute_reads(
