@@ -602,7 +602,7 @@ def write_contents(
         scope.fail(exc)
         raise
     if reports is None:
-        formats = {format_name: {}} if fmt is not None else {}
+        formats: dict[str, Any] = {format_name: {}} if fmt is not None else {}
         return {"array_formats": formats, "total_bytes": prepared.nbytes}
     # 3. The primary records who holds which shard, and writes the index.
     try:
@@ -977,7 +977,8 @@ def _broadcast(value: Any, plan: _ReplicaPlan | None) -> Any:
     shape = (mesh.shape[axis], *value.shape)
     local = {shard.device: shard.data for shard in value.addressable_shards}
     buffers = []
-    for device, index in stacked.addressable_devices_indices_map(shape).items():
+    for device, maybe_index in stacked.addressable_devices_indices_map(shape).items():
+        index = maybe_index or tuple(slice(None) for _ in shape)
         if (index[0].start or 0) == 0:
             # The replica-0 devices of the full mesh are the devices of the sub-mesh read onto.
             buffers.append(local[device][None])
