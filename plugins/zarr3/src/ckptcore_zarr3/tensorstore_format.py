@@ -213,24 +213,23 @@ class TensorStoreFormat:
     @staticmethod
     def _unpack(r: ReadRequest, blobs: dict[str, tuple[int, Any]], out: list[np.ndarray]) -> None:
         key = str(r.info["packed"])
-        base, future = blobs[key]
-        if not isinstance(future, bytes):
+        base, blob = blobs[key]
+        if not isinstance(blob, np.ndarray):  # the first leaf of this blob waits for its read
             try:
-                found = future.result()
+                found = blob.result()
             except Exception as exc:  # a byte range past the end: the blob is truncated
                 raise CorruptCheckpointError(f"packed array data {key!r} is truncated: {exc}") from exc
             if found.state != "value":
                 raise CorruptCheckpointError(f"packed array data {key!r} is missing")
-            future = bytes(found.value)
-            blobs[key] = (base, future)
-        blob: bytes = future
+            blob = np.frombuffer(found.value, dtype=np.uint8)
+            blobs[key] = (base, blob)
         start, length = int(r.info["offset"]) - base, int(r.info["length"])
-        count = math.prod(r.shape)
-        if length != count * r.saved_dtype.itemsize or start + length > len(blob):
+        if length != math.prod(r.shape) * r.saved_dtype.itemsize or start + length > len(blob):
             raise CorruptCheckpointError(f"packed array {r.key!r} is truncated or inconsistent with the index")
-        whole = np.frombuffer(blob, dtype=r.saved_dtype, count=count, offset=start).reshape(r.shape)
+        whole = blob[start : start + length].view(r.saved_dtype).reshape(r.shape)
         for region in r.regions:
-            out.append(np.array(whole[region], dtype=r.dtype, copy=True))
+            part = whole[region]
+            out.append(part.copy() if r.dtype == r.saved_dtype else part.astype(r.dtype))
 
 
 def _read_region(source: ts.TensorStore) -> tuple[Any, np.ndarray | None]:
