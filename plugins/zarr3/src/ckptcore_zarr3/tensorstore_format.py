@@ -140,18 +140,23 @@ class TensorStoreFormat:
     ) -> list[Any]:
         """Small leaves concatenated (aligned) into blobs; each leaf's info says where it is."""
         kv = ts.KvStore.open(kvstore, context=ctx).result()
-        writes = []
-        blob = bytearray()
+        sizes: list[int] = [0]
+        places = []
         for r, info in zip(requests, infos, strict=True):
-            raw = memoryview(np.ascontiguousarray(r.shards[0].data).reshape(-1).view(np.uint8))
-            if blob and len(blob) + len(raw) > PACKED_BLOB_BYTES:
-                writes.append(kv.write(f"{PACKED_PREFIX}{len(writes)}", bytes(blob)))
-                blob = bytearray()
-            blob += b"\0" * (-len(blob) % PACKED_ALIGN)
-            info.update(packed=f"{PACKED_PREFIX}{len(writes)}", offset=len(blob), length=len(raw))
-            blob += raw
-        writes.append(kv.write(f"{PACKED_PREFIX}{len(writes)}", bytes(blob)))
-        return writes
+            length = math.prod(r.shape) * r.dtype.itemsize
+            offset = sizes[-1] + (-sizes[-1] % PACKED_ALIGN)
+            if sizes[-1] and offset + length > PACKED_BLOB_BYTES:
+                sizes.append(0)
+                offset = 0
+            sizes[-1] = offset + length
+            places.append((len(sizes) - 1, offset, length))
+            info.update(packed=f"{PACKED_PREFIX}{len(sizes) - 1}", offset=offset, length=length)
+        blobs = [bytearray(size) for size in sizes]  # zero-filled: the alignment padding
+        views = [np.frombuffer(blob, dtype=np.uint8) for blob in blobs]
+        for r, (b, offset, length) in zip(requests, places, strict=True):
+            views[b][offset : offset + length] = np.ascontiguousarray(r.shards[0].data).reshape(-1).view(np.uint8)
+        del views  # a bytearray with exported buffers cannot be handed over
+        return [kv.write(f"{PACKED_PREFIX}{b}", blob) for b, blob in enumerate(blobs)]
 
     # -- read ------------------------------------------------------------------------
 
