@@ -31,6 +31,13 @@ Restore
     saved mesh (its first devices, in ``jax.devices()`` order, form the mesh); otherwise a
     ``jax.Array`` on the first local device. When JAX is not installed, JAX leaves come
     back as NumPy arrays (typed keys as their uint32 key data).
+
+Memory
+    Regions are read in waves of ``max_bytes_in_flight`` (see :func:`ckptcore.restore`).
+    Each host region is dropped as soon as it is on its devices; on CPU devices JAX adopts
+    a 64-byte aligned host buffer without a copy, so the one copy made is into such a
+    buffer, and the read buffers are handed back to the OS between waves. A restore thus
+    peaks near its result's size plus one wave.
 """
 
 from __future__ import annotations
