@@ -264,7 +264,7 @@ def plan_read(
         else:
             on_device: dict[Any, Any] = {}
             for i, devices in enumerate(placement):
-                host, results[i] = results[i], None
+                host, results[i] = results[i], None  # type: ignore[call-overload]
                 for device, array in zip(devices, _put(host, devices), strict=True):
                     on_device[device] = array
                 del host
