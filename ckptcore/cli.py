@@ -29,6 +29,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("demo", help="train a small model with a CheckpointManager, interrupt, resume, verify")
     p.add_argument("--directory", default=None, help="where to write (default: a temporary directory)")
     p.add_argument("--size-mb", type=int, default=1, help="size of the training state in MiB (default 1)")
+    p.add_argument(
+        "--bulk-mb", type=int, default=256,
+        help="then save and restore a state this large with progress bars (default 256; 0 skips it)",
+    )
 
     args = parser.parse_args(argv)
     try:
@@ -45,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from ckptcore.demo import run_demo
 
-            return run_demo(directory=args.directory, size_mb=args.size_mb)
+            return run_demo(directory=args.directory, size_mb=args.size_mb, bulk_mb=args.bulk_mb)
     except CheckpointError as exc:
         print(f"ckptcore: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
