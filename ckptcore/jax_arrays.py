@@ -255,16 +255,16 @@ def plan_read(
     def finish(results: list[np.ndarray]) -> Any:
         # Consumes ``results``: each host region is dropped once it is on its devices, so a
         # restore holds little more than its result.
-        for i, region in enumerate(regions):
-            _verify(where, record, results[i], expected.get(_key(region)))
         if placement is None:
             host = results.pop()
+            _verify(where, record, host, expected.get(_key(regions[0])))
             out = jax.device_put(host, sharding)
             del host
         else:
             on_device: dict[Any, Any] = {}
             for i, devices in enumerate(placement):
                 host, results[i] = results[i], None  # type: ignore[call-overload]
+                _verify(where, record, host, expected.get(_key(regions[i])))  # while the region is in cache
                 for device, array in zip(devices, _put(host, devices), strict=True):
                     on_device[device] = array
                 del host
