@@ -14,7 +14,8 @@ FORMAT_VERSION = 1
 
 
 def encode_index(index: dict[str, Any]) -> bytes:
-    return json.dumps(index, indent=1, ensure_ascii=False, allow_nan=False).encode()
+    # No indent: json's C encoder only runs without it (10x faster for thousands of leaves).
+    return json.dumps(index, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 def read_index(location: Location) -> dict[str, Any]:

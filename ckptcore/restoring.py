@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ckptcore import arrays, distributed, index, memory, storage
+from ckptcore import arrays, distributed, gcpause, index, memory, storage
 from ckptcore.dtypes import dtype_from_name
 from ckptcore.errors import (
     CheckpointError,
@@ -256,10 +258,11 @@ def restore(
     :param progress: called with (bytes read, bytes total).
     :raises TargetMismatchError: listing every missing key, extra key and shape mismatch.
     """
-    location, doc = open_committed(path, storage_options)
-    return restore_location(
-        location, doc, target, partial=partial, max_bytes_in_flight=max_bytes_in_flight, progress=progress
-    )
+    with gcpause.paused():  # a blocking call: its many short-lived objects need no collection
+        location, doc = open_committed(path, storage_options)
+        return restore_location(
+            location, doc, target, partial=partial, max_bytes_in_flight=max_bytes_in_flight, progress=progress
+        )
 
 
 def restore_location(
@@ -275,10 +278,23 @@ def restore_location(
 
     For callers that commit several checkpoints as one unit, such as a manager's items.
     """
+    with gcpause.paused():  # thousands of leaves: see ckptcore.gcpause
+        return _restore_location(location, doc, target, partial, max_bytes_in_flight, progress)
+
+
+def _restore_location(
+    location: Location,
+    doc: dict[str, Any],
+    target: Any,
+    partial: bool,
+    max_bytes_in_flight: int | None,
+    progress: ProgressCallback | None,
+) -> Any:
     target, widen = distributed.single_replica_targets(target)  # identity unless that option is on
     planner = _Planner(partial)
-    planner.saved_paths = [format_key_path(p) for p, _ in iter_leaves(doc["tree"])]
     skeleton = planner.plan(doc["tree"], target, (), target is not None)
+    if planner.missing:  # only for "did you mean" hints: thousands of paths are costly to format
+        planner.saved_paths = [format_key_path(p) for p, _ in iter_leaves(doc["tree"])]
     planner.raise_if_mismatched(location.url)
     _execute_reads(location, doc, planner.reads, max_bytes_in_flight or DEFAULT_MAX_BYTES_IN_FLIGHT, progress)
     return widen(_fill(skeleton, {id(r.slot) for r in planner.reads}))
@@ -290,37 +306,69 @@ def _execute_reads(
     by_format: dict[str, list[_PendingRead]] = {}
     for r in reads:
         by_format.setdefault(r.record.get("format", ""), []).append(r)
-    total = sum(r.request.dtype.itemsize * _region_elements(r.request) for r in reads)
+    nbytes = {id(r): r.request.dtype.itemsize * _region_elements(r.request) for r in reads}
+    total = sum(nbytes.values())
     done = 0
     for name, group in by_format.items():
         fmt = _format_for(name, doc, location.url)
-        for wave in _waves(group, limit):
-            try:
-                # distributed.read_arrays: fmt.format.read, also for leaves written by several processes
-                results = distributed.read_arrays(fmt.format, location.child(name), [r.request for r in wave], {})
-            except CheckpointError:
-                raise
-            except Exception as exc:
-                raise CorruptCheckpointError(
-                    f"reading arrays of {location.url} (format {name!r}) failed: {exc}; "
-                    "the data is missing or corrupt, or the storage failed"
-                ) from exc
-            if len(results) != len(wave):
-                raise PluginError(
-                    f"array format {name!r} ({fmt.distribution}) returned {len(results)} results for "
-                    f"{len(wave)} read requests; report this to the plugin's authors"
-                )
-            for r, arrays_read in zip(wave, results, strict=True):
-                r.slot[0] = r.finish(arrays_read)
-                done += r.request.dtype.itemsize * _region_elements(r.request)
-            del results
-            memory.release_free_memory()  # the wave's read buffers, before the next wave allocates
-            if progress:
-                progress(done, total)
+        waves = _waves(group, limit)
+        # The next wave is read while this one is verified and finished: disk and CPU overlap.
+        # The read buffers in flight stay one wave's (finishing allocates nothing for NumPy).
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptcore-read") as reader:
+            pending = reader.submit(_read_wave, fmt, location, name, waves[0]) if waves else None
+            for k, wave in enumerate(waves):
+                assert pending is not None
+                results = pending.result()
+                pending = reader.submit(_read_wave, fmt, location, name, waves[k + 1]) if k + 1 < len(waves) else None
+                _finish_wave(wave, results, nbytes)
+                del results
+                wave_bytes = sum(nbytes[id(r)] for r in wave)
+                if wave_bytes >= _TRIM_AFTER_BYTES:  # trimming costs ~10 ms: not worth it for small waves
+                    memory.release_free_memory()  # the wave's read buffers, before more are allocated
+                done += wave_bytes
+                if progress:
+                    progress(done, total)
+
+
+def _read_wave(fmt: Any, location: Location, name: str, wave: list[_PendingRead]) -> list[list[np.ndarray]]:
+    try:
+        # distributed.read_arrays: fmt.format.read, also for leaves written by several processes
+        results = distributed.read_arrays(fmt.format, location.child(name), [r.request for r in wave], {})
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CorruptCheckpointError(
+            f"reading arrays of {location.url} (format {name!r}) failed: {exc}; "
+            "the data is missing or corrupt, or the storage failed"
+        ) from exc
+    if len(results) != len(wave):
+        raise PluginError(
+            f"array format {name!r} ({fmt.distribution}) returned {len(results)} results for "
+            f"{len(wave)} read requests; report this to the plugin's authors"
+        )
+    return results
+
+
+_PARALLEL_FINISH_BYTES = 1 << 20
+_TRIM_AFTER_BYTES = 64 << 20
+
+
+def _finish_wave(wave: list[_PendingRead], results: list[list[np.ndarray]], nbytes: dict[int, int]) -> None:
+    """Run the finishers (checksum checks) of a wave; large leaves' in threads, as zlib releases the GIL."""
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptcore-verify") as pool:
+        jobs = {
+            id(r): pool.submit(r.finish, arrays_read)
+            for r, arrays_read in zip(wave, results, strict=True)
+            if nbytes[id(r)] >= _PARALLEL_FINISH_BYTES
+        }
+        for r, arrays_read in zip(wave, results, strict=True):
+            job = jobs.get(id(r))
+            r.slot[0] = job.result() if job is not None else r.finish(arrays_read)
 
 
 def _region_elements(request: ReadRequest) -> int:
-    return sum(int(np.prod([s.stop - s.start for s in region], dtype=np.int64)) for region in request.regions)
+    # math.prod: np.prod costs microseconds per call, which adds up over thousands of leaves.
+    return sum(math.prod(s.stop - s.start for s in region) for region in request.regions)
 
 
 def _waves(group: list[_PendingRead], limit: int) -> list[list[_PendingRead]]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptcore import arrays, distributed, index, storage
+from ckptcore import arrays, distributed, gcpause, index, storage
 from ckptcore.errors import AlreadyExistsError, CheckpointError, InvalidMetadataError, StorageError, UnsupportedLeafError
 from ckptcore.keys import KeyPath, format_key_path
 from ckptcore.plugins import registry
@@ -77,7 +77,8 @@ def prepare(
         jax_arrays.start_host_copies(state)  # all device-to-host copies in flight before any is awaited
     collective = distributed.plan_collective()  # None unless several jax.distributed processes save
     try:
-        tree = encode_tree(state, encode_leaf)
+        with gcpause.paused():  # thousands of leaves: see ckptcore.gcpause
+            tree = encode_tree(state, encode_leaf)
     except BaseException as exc:
         if collective is not None:  # the other processes' save fails now instead of timing out
             collective.scope.fail(exc)
@@ -207,16 +208,36 @@ def _write_arrays(
     total = prepared.nbytes
     if progress:
         progress(0, total)
-    # Checksums run beside the format's writes (zlib releases the GIL).
+    # Checksums run beside the format's writes (zlib releases the GIL), in batches of
+    # leaves: one pool job per small leaf would cost more than its checksum.
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptcore-checksum") as pool:
-        sums = [
-            pool.submit(_shard_checksums, w) for w in prepared.writes
-        ]
+        jobs = [pool.submit(_batch_checksums, batch) for batch in _checksum_batches(prepared.writes)]
         infos = fmt.format.write(staging.child(format_name), [w.request for w in prepared.writes], options)
-        for w, info, fut in zip(prepared.writes, infos, sums):
-            w.record.update(format=format_name, key=w.request.key, format_info=info, **fut.result())
+        sums = [s for job in jobs for s in job.result()]
+        for w, info, checksums in zip(prepared.writes, infos, sums, strict=True):
+            w.record.update(format=format_name, key=w.request.key, format_info=info, **checksums)
     if progress:
         progress(total, total)
+
+
+_CHECKSUM_BATCH_BYTES = 8 << 20
+
+
+def _checksum_batches(writes: list[arrays.PlannedWrite]) -> list[list[arrays.PlannedWrite]]:
+    """Consecutive writes grouped into runs of about ``_CHECKSUM_BATCH_BYTES``."""
+    batches: list[list[arrays.PlannedWrite]] = []
+    size = _CHECKSUM_BATCH_BYTES
+    for w in writes:
+        if size >= _CHECKSUM_BATCH_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(w)
+        size += w.record["nbytes"]
+    return batches
+
+
+def _batch_checksums(batch: list[arrays.PlannedWrite]) -> list[dict[str, Any]]:
+    return [_shard_checksums(w) for w in batch]
 
 
 def _shard_checksums(write: arrays.PlannedWrite) -> dict[str, Any]:
@@ -262,7 +283,8 @@ def save(
     :raises AlreadyExistsError: a checkpoint exists at ``path`` and ``force`` is false.
     :raises UnsupportedLeafError: a leaf cannot be saved (raised before anything is written).
     """
-    write(
-        prepare(state, copy=False), path, force=force, format=format, format_options=format_options,
-        metadata=metadata, storage_options=storage_options, progress=progress,
-    )
+    with gcpause.paused():  # a blocking call: its many short-lived objects need no collection
+        write(
+            prepare(state, copy=False), path, force=force, format=format, format_options=format_options,
+            metadata=metadata, storage_options=storage_options, progress=progress,
+        )
