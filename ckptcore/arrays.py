@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ckptcore.dtypes import dtype_from_name, dtype_name, is_supported_array_dtype
-from ckptcore.errors import ChecksumMismatchError, TargetMismatchError, UnsupportedLeafError
+from ckptcore.errors import ChecksumMismatchError, CorruptCheckpointError, TargetMismatchError, UnsupportedLeafError
 from ckptcore.keys import KeyPath, format_key_path, storage_key
 from ckptcore.registrations import Index, ReadRequest, Shard, WriteRequest
 
@@ -47,10 +47,26 @@ def full_index(shape: tuple[int, ...]) -> Index:
     return tuple(slice(0, n) for n in shape)
 
 
-def checksum(data: np.ndarray) -> str:
-    """The checksum stored per leaf (CRC-32 of the C-order bytes; zlib releases the GIL)."""
-    contiguous = np.ascontiguousarray(data)
-    return f"crc32:{zlib.crc32(memoryview(contiguous.reshape(-1).view(np.uint8))):08x}"
+def checksum(data: np.ndarray, algorithm: str = "crc32c") -> str:
+    """The checksum stored per leaf: ``<algorithm>:<hex>`` over the C-order bytes.
+
+    CRC-32C (hardware-accelerated, ~15 GB/s, GIL released) is written; plain CRC-32 (zlib)
+    is still understood.
+    """
+    raw = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)).toreadonly()
+    if algorithm == "crc32c":
+        import crc32c
+
+        return f"crc32c:{crc32c.crc32c(raw):08x}"
+    if algorithm == "crc32":
+        return f"crc32:{zlib.crc32(raw):08x}"
+    raise CorruptCheckpointError(f"unknown checksum algorithm {algorithm!r} in the checkpoint index")
+
+
+def checksum_matches(data: np.ndarray, expected: str) -> bool:
+    """Whether ``data`` has the checksum ``expected`` (computed with the algorithm it names)."""
+    algorithm = expected.partition(":")[0]
+    return checksum(data, algorithm) == expected
 
 
 @dataclass
@@ -117,7 +133,7 @@ def plan_read(path: KeyPath, record: dict[str, Any], target: Any) -> tuple[ReadR
 
     def finish(arrays: list[np.ndarray]) -> np.ndarray:
         array = arrays[0]
-        if expected is not None and checksum(array) != expected:
+        if expected is not None and not checksum_matches(array, expected):
             raise ChecksumMismatchError(
                 f"array {format_key_path(path)} (storage key {record['key']!r}) does not match its checksum; "
                 "the stored data is corrupt. Restore from another checkpoint."

@@ -352,7 +352,7 @@ def _expected_checksums(record: dict[str, Any]) -> dict[RegionKey, str]:
 
 
 def _verify(where: str, record: dict[str, Any], data: np.ndarray, expected: str | None) -> None:
-    if expected is not None and arrays.checksum(data) != expected:
+    if expected is not None and not arrays.checksum_matches(data, expected):
         raise ChecksumMismatchError(
             f"array {where} (storage key {record['key']!r}) does not match its checksum; "
             "the stored data is corrupt. Restore from another checkpoint."

@@ -77,7 +77,7 @@ def test_dtype_matrix_small_packed_and_large(tmp_path, fmt):
         assert leaves["small"]["format"] == fmt and leaves["small"]["dtype"] == name
         assert "packed" in leaves["small"]["format_info"]
         assert "packed" not in leaves["large"]["format_info"]
-        assert leaves["large"]["checksum"].startswith("crc32:")
+        assert leaves["large"]["checksum"].startswith("crc32c:")
     back = ckptcore.restore(tmp_path / "ck")
     for name in DTYPES:
         for kind, array in expected[name].items():

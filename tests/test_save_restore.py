@@ -247,4 +247,24 @@ def test_index_names_plugins_versions_and_checksums(tmp_path):
     assert "python" in doc["plugin_metadata"]["ckptcore.builtin"]
     for item in doc["tree"]["items"]:
         leaf = item["value"]
-        assert leaf["checksum"].startswith("crc32:") and leaf["key"] == item["key"] and leaf["format"] == "ocdbt"
+        assert leaf["checksum"].startswith("crc32c:") and leaf["key"] == item["key"] and leaf["format"] == "ocdbt"
+
+
+def test_plain_crc32_checksums_are_still_verified(tmp_path):
+    """Indexes may carry zlib CRC-32 tags (``crc32:``) as well as CRC-32C; both are checked."""
+    import zlib
+
+    path = tmp_path / "ck"
+    data = np.arange(100_000, dtype=np.float32)
+    ckptcore.save(path, {"x": data})
+    index_file = path / "ckptcore_index.json"
+    doc = json.loads(index_file.read_text())
+    leaf = doc["tree"]["items"][0]["value"]
+    assert leaf["checksum"].startswith("crc32c:")
+    leaf["checksum"] = f"crc32:{zlib.crc32(data.tobytes()):08x}"
+    index_file.write_text(json.dumps(doc))
+    np.testing.assert_array_equal(ckptcore.restore(path)["x"], data)
+    leaf["checksum"] = f"crc32:{zlib.crc32(data.tobytes()) ^ 1:08x}"
+    index_file.write_text(json.dumps(doc))
+    with pytest.raises(ckptcore.errors.ChecksumMismatchError):
+        ckptcore.restore(path)
