@@ -53,7 +53,7 @@ def checksum(data: np.ndarray, algorithm: str = "crc32c") -> str:
     CRC-32C (hardware-accelerated, ~15 GB/s, GIL released) is written; plain CRC-32 (zlib)
     is still understood.
     """
-    raw = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)).toreadonly()
+    raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8).data.toreadonly()
     if algorithm == "crc32c":
         import crc32c
 

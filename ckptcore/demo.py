@@ -117,17 +117,19 @@ def bulk_round_trip(root: str, bulk_mb: int, *, progress: bool = True) -> bool:
     rng = np.random.default_rng(SEED)
     n_arrays = 8
     per_array = max(1, bulk_mb * 2**20 // n_arrays // 4)
-    state = {"layers": [{"w": rng.standard_normal(per_array, dtype=np.float32)} for _ in range(n_arrays)], "step": 1}
+    layers = [{"w": rng.standard_normal(per_array, dtype=np.float32)} for _ in range(n_arrays)]
+    state = {"layers": layers, "step": 1}
     nbytes = n_arrays * per_array * 4
     path = os.path.join(root, "bulk")
-    with Checkpointer() as ckpt:
+    ckpt = Checkpointer()
+    with ckpt:
         t0 = time.perf_counter()
         ckpt.save(path, state, progress=progress)
         save_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         back = ckpt.restore(path, progress=progress)
         restore_s = time.perf_counter() - t0
-    same = all(np.array_equal(a["w"], b["w"]) for a, b in zip(state["layers"], back["layers"], strict=True))
+    same = all(np.array_equal(a["w"], b["w"]) for a, b in zip(layers, back["layers"], strict=True))
     print(f"5. bulk state of {nbytes / 2**20:.0f} MiB ({n_arrays} float32 arrays): saved (fsync'd, atomic) in "
           f"{save_s:.2f} s ({nbytes / save_s / 2**30:.2f} GiB/s), restored in {restore_s:.2f} s "
           f"({nbytes / restore_s / 2**30:.2f} GiB/s); identical: {'YES' if same else 'NO'}")

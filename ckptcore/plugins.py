@@ -225,7 +225,7 @@ class PluginRegistry:
         for impl in hook.get_hookimpls():
             value = impl.function(context=context)
             if value:
-                out[impl.plugin_name] = dict(value)
+                out[impl.plugin_name] = dict(value)  # type: ignore[call-overload]
         return out
 
     def _select(self, hook_name: str, key: str, keys_of: Any, what: str, how: str) -> Any:

@@ -199,7 +199,7 @@ class _Planner:
                 out[key] = self.plan(saved[key], sub, (*path, key), True)
             if not self.partial:
                 self.unexpected += [format_key_path((*path, k)) for k in saved if k not in target]
-            return type(target)(out) if type(target) is not dict else out
+            return out if type(target) is dict else type(target)(out)  # type: ignore[call-arg]
         if isinstance(target, (list, tuple)):
             if kind not in ("list", "tuple", "namedtuple") or len(target) != len(saved):
                 self.mismatched.append(

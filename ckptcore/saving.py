@@ -19,7 +19,13 @@ from typing import Any
 import numpy as np
 
 from ckptcore import arrays, distributed, gcpause, index, storage
-from ckptcore.errors import AlreadyExistsError, CheckpointError, InvalidMetadataError, StorageError, UnsupportedLeafError
+from ckptcore.errors import (
+    AlreadyExistsError,
+    CheckpointError,
+    InvalidMetadataError,
+    StorageError,
+    UnsupportedLeafError,
+)
 from ckptcore.keys import KeyPath, format_key_path
 from ckptcore.plugins import registry
 from ckptcore.registrations import Location, ProgressCallback, SaveContext
@@ -183,7 +189,7 @@ def write_index(
         "format": index.FORMAT,
         "format_version": index.FORMAT_VERSION,
         "ckptcore_version": _version(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(),
         "array_formats": formats,
         "total_bytes": prepared.nbytes,
         "metadata": user_metadata,
@@ -243,7 +249,7 @@ def _batch_checksums(batch: list[arrays.PlannedWrite]) -> list[dict[str, Any]]:
 def _shard_checksums(write: arrays.PlannedWrite) -> dict[str, Any]:
     shards = write.request.shards
     if len(shards) == 1 and all(
-        s.start == 0 and s.stop == n for s, n in zip(shards[0].index, write.request.shape)
+        s.start == 0 and s.stop == n for s, n in zip(shards[0].index, write.request.shape, strict=False)
     ):
         return {"checksum": arrays.checksum(shards[0].data)}
     return {

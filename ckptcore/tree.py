@@ -149,7 +149,8 @@ def encode_scalar(path: KeyPath, value: Any) -> Node | None:
 
 def decode_scalar(path: KeyPath, record: Node) -> Any:
     """The value of an inline record."""
-    kind, value = record.get("kind"), record.get("value")
+    kind = record.get("kind")
+    value: Any = record.get("value")
     if kind == "numpy_generator":
         from ckptcore.numpy_random import decode_generator
 

@@ -231,7 +231,7 @@ class _Handler(BaseHTTPRequestHandler):
         conn = getattr(self, "_conn", None)
         if conn is not None:
             conn.close()
-            self._conn = None
+            self._conn = None  # type: ignore[assignment]
 
     def _discard_body(self, length: int, chunked: bool) -> None:
         for _ in self._body_blocks(length, chunked):
