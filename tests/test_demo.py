@@ -13,9 +13,10 @@ from ckptcore.demo import _pack_rng, _unpack_rng, run_demo
 
 
 def test_demo_resumes_bit_identical_and_keeps_three_steps(tmp_path, capsys):
-    assert run_demo(str(tmp_path), size_mb=1) == 0
+    assert run_demo(str(tmp_path), size_mb=1, bulk_mb=8) == 0
     out = capsys.readouterr().out
     assert "bit-identical to it" in out and ": YES" in out
+    assert "5. bulk state of 8 MiB" in out and "identical: YES" in out
     assert "steps on disk [100, 125, 150]" in out
     with CheckpointManager(tmp_path / "run", CheckpointManagerOptions(read_only=True)) as mgr:
         assert mgr.all_steps() == [250, 275, 300]
@@ -25,7 +26,7 @@ def test_demo_resumes_bit_identical_and_keeps_three_steps(tmp_path, capsys):
         assert isinstance(mgr.metrics(300)["loss"], float)
         assert mgr.metadata() == {"demo": "mlp-regression"}
     # Run again into the same directory: refused, nothing touched.
-    assert run_demo(str(tmp_path), size_mb=1) == 2
+    assert run_demo(str(tmp_path), size_mb=1, bulk_mb=8) == 2
     assert "give an empty --directory" in capsys.readouterr().out
     with CheckpointManager(tmp_path / "run", CheckpointManagerOptions(read_only=True)) as mgr:
         assert mgr.all_steps() == [250, 275, 300]
@@ -38,7 +39,7 @@ def test_demo_command_runs_without_jax(tmp_path):
     (blocker / "jax.py").write_text("raise ImportError('jax is not installed here')\n")
     env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(
-        [sys.executable, "-m", "ckptcore", "demo", "--directory", str(tmp_path / "d")],
+        [sys.executable, "-m", "ckptcore", "demo", "--directory", str(tmp_path / "d"), "--bulk-mb", "4"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
