@@ -49,7 +49,6 @@ from ckptcore.errors import (
     CheckpointError,
     CheckpointTimeoutError,
     CorruptCheckpointError,
-    StorageError,
 )
 
 if TYPE_CHECKING:
@@ -499,28 +498,18 @@ def write(
     before_commit: Callable[[], None] | None = None,
 ) -> Location:
     """The collective version of :func:`ckptcore.saving.write`; every process calls it."""
-    from ckptcore import storage
+    from ckptcore import saving, storage
 
     location = storage.resolve(path, storage_options)
     strategy = CollectiveCommit(storage.atomicity(location), collective, check_exists=not force)
     strategy.before_commit = before_commit
     staging = strategy.begin(location)
-    try:
+    with saving.aborted_on_failure(strategy, staging, f"{location.url} on process {collective.group.me}"):
         write_contents(
             prepared, staging, url=location.url, format=format, format_options=format_options,
             metadata=metadata, progress=progress,
         )
         strategy.commit(staging, location, replace=force)
-    except BaseException as exc:
-        try:
-            strategy.abort(staging)
-        except Exception:  # the original failure matters more than the cleanup's
-            pass
-        if isinstance(exc, CheckpointError) or not isinstance(exc, Exception):
-            raise
-        raise StorageError(
-            f"saving {location.url} failed on process {collective.group.me}: {type(exc).__name__}: {exc}"
-        ) from exc
     return location
 
 

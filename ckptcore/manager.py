@@ -589,7 +589,7 @@ class CheckpointManager:
         final = self._root.child(self._step_name(step))
         strategy = distributed.commit_strategy(self._strategy, collective)  # the primary begins and commits
         staging = strategy.begin(final)
-        try:
+        with saving.aborted_on_failure(strategy, staging, f"step {step} to {final.url}"):
             described: dict[str, dict[str, Any]] = {}
             for name, (kind, payload) in items.items():
                 target = staging.child(name)
@@ -618,14 +618,6 @@ class CheckpointManager:
             if self._primary:
                 staging.fs.pipe_file(f"{staging.path.rstrip('/')}/{STEP_FILE}", json.dumps(step_doc, indent=1).encode())
             strategy.commit(staging, final, replace=force)
-        except BaseException as exc:
-            try:
-                strategy.abort(staging)
-            except Exception:  # the original failure matters more than the cleanup's
-                pass
-            if isinstance(exc, CheckpointError) or not isinstance(exc, Exception):
-                raise
-            raise StorageError(f"saving step {step} to {final.url} failed: {type(exc).__name__}: {exc}") from exc
         with self._lock:
             self._records[step] = StepRecord(step, commit_time, metrics, score)
             self._names[step] = final.name

@@ -6,12 +6,13 @@ thread (``prepare``) and write in the background (``write``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,7 @@ from ckptcore.errors import (
 )
 from ckptcore.keys import KeyPath, format_key_path
 from ckptcore.plugins import registry
-from ckptcore.registrations import Location, ProgressCallback, SaveContext
+from ckptcore.registrations import AtomicCommit, Location, ProgressCallback, SaveContext
 from ckptcore.tree import Node, encode_scalar, encode_tree
 
 
@@ -101,6 +102,25 @@ def check_json(value: Any, what: str) -> Any:
     return value
 
 
+@contextlib.contextmanager
+def aborted_on_failure(strategy: AtomicCommit, staging: Location, what: str) -> Iterator[None]:
+    """Abort ``staging`` if the body fails, and report the failure as a ckptcore error.
+
+    ckptcore errors pass through; any other exception becomes a :class:`StorageError`
+    saying that saving ``what`` failed, with the original chained.
+    """
+    try:
+        yield
+    except BaseException as exc:
+        try:
+            strategy.abort(staging)
+        except Exception:  # the original failure matters more than the cleanup's
+            pass
+        if isinstance(exc, CheckpointError) or not isinstance(exc, Exception):
+            raise
+        raise StorageError(f"saving {what} failed: {type(exc).__name__}: {exc}") from exc
+
+
 def write(
     prepared: PreparedSave,
     path: str | os.PathLike[str],
@@ -129,7 +149,7 @@ def write(
     if not force and strategy.is_committed(location):
         raise AlreadyExistsError(f"a checkpoint already exists at {location.url}; pass force=True to replace it")
     staging = strategy.begin(location)
-    try:
+    with aborted_on_failure(strategy, staging, location.url):
         write_contents(
             prepared, staging, url=location.url, format=format, format_options=format_options,
             metadata=user_metadata, progress=progress,
@@ -137,14 +157,6 @@ def write(
         if before_commit is not None:
             before_commit()
         strategy.commit(staging, location, replace=force)
-    except BaseException as exc:
-        try:
-            strategy.abort(staging)
-        except Exception:  # the original failure matters more than the cleanup's
-            pass
-        if isinstance(exc, CheckpointError) or not isinstance(exc, Exception):
-            raise
-        raise StorageError(f"saving {location.url} failed: {type(exc).__name__}: {exc}") from exc
     return location
 
 
