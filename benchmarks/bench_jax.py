@@ -184,6 +184,20 @@ def peak_rss(lib: str, path: Path, kind: str, mesh: str) -> int:
 # -- the run ----------------------------------------------------------------------------------
 
 
+def drop_page_cache() -> bool:
+    """Drop the page cache so that a restore reads from disk; False when not permitted."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+COLD = True  # restores read from disk (page cache dropped first), as in bench_local.py; --warm turns it off
+
+
 def run_state(kind: str, reps: int, root: Path) -> dict[str, dict[str, list[float]]]:
     state = make_state(kind)
     block(state)
@@ -195,7 +209,11 @@ def run_state(kind: str, reps: int, root: Path) -> dict[str, dict[str, list[floa
         for lib in order:
             path = root / f"{kind}-{lib}-{rep}"
             t_save = timed(lambda lib=lib, path=path: save(lib, path, state))
+            if COLD:
+                drop_page_cache()
             t_restore = timed(lambda lib=lib, path=path: block(restore(lib, path, same)))
+            if COLD:
+                drop_page_cache()
             t_reshard = timed(lambda lib=lib, path=path: block(restore(lib, path, other)))
             if rep > 0:
                 r = results[lib]
@@ -236,10 +254,15 @@ def table(kind: str, size: int, results: dict[str, dict[str, list[float]]]) -> s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--warm", action="store_true", help="restore from the page cache instead of from disk")
     parser.add_argument("--states", default="1gib,5000")
     parser.add_argument("--dir", default=None, help="where to write checkpoints (default: a temporary directory)")
     parser.add_argument("--rss-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global COLD
+    COLD = not args.warm
+    if COLD and not drop_page_cache():
+        print("warning: cannot drop the page cache (not root?): restores read warm", file=sys.stderr)
     if args.rss_child:
         rss_child(*args.rss_child)
         return
@@ -250,6 +273,7 @@ def main() -> None:
     try:
         for kind in args.states.split(","):
             results = run_state(kind, args.reps, root)
+            print(f"restores: {'cold (page cache dropped before each)' if COLD else 'warm (from the page cache)'}")
             print(table(kind, nbytes(kind), results), flush=True)
             print(flush=True)
     finally:
