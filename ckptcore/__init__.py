@@ -50,7 +50,10 @@ _LAZY = {
     "AsyncCheckpointer": "ckptcore.checkpointer",
 }
 
-__all__ = ["CheckpointError", "errors", "__version__", *_LAZY]
+# public submodules, also imported on first access (``ckptcore.progress.bar()``)
+_SUBMODULES = ("progress", "testing")
+
+__all__ = ["CheckpointError", "errors", "__version__", *_LAZY, *_SUBMODULES]
 
 if TYPE_CHECKING:
     from ckptcore.checkpointer import AsyncCheckpointer, Checkpointer
@@ -78,6 +81,8 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"ckptcore.{name}")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'ckptcore' has no attribute {name!r}")
