@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pagecache import drop_page_cache  # a sibling module: the scripts run from benchmarks/
+
 GIB = 1 << 30
 
 
@@ -184,15 +186,6 @@ def peak_rss(lib: str, path: Path, kind: str, mesh: str) -> int:
 # -- the run ----------------------------------------------------------------------------------
 
 
-def drop_page_cache() -> bool:
-    """Drop the page cache so that a restore reads from disk; False when not permitted."""
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 COLD = True  # restores read from disk (page cache dropped first), as in bench_local.py; --warm turns it off

@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 import numpy as np
+from pagecache import drop_page_cache  # a sibling module: the scripts run from benchmarks/
 
 MiB = 1 << 20
 
@@ -35,15 +36,6 @@ MiB = 1 << 20
 # -- cache control ---------------------------------------------------------------------
 
 
-def drop_page_cache() -> bool:
-    """Drop the page cache so that restores read from disk; False when not permitted."""
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def fsync_path(path: str, directory: bool = False) -> None:

@@ -32,6 +32,8 @@ import tempfile
 import time
 from typing import Any
 
+from pagecache import drop_page_cache  # a sibling module: the scripts run from benchmarks/
+
 MiB = 1 << 20
 
 
@@ -45,14 +47,6 @@ def dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def drop_page_cache() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 # -- one process of a job ----------------------------------------------------------------------
