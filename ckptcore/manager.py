@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from ckptcore import distributed, index, locks, restoring, saving, storage
+from ckptcore import distributed, index, locks, preemption, restoring, saving, storage
 from ckptcore.background import BackgroundWriter
 from ckptcore.composite import DEFAULT_ITEM, Composite, Json
 from ckptcore.errors import (
@@ -479,7 +479,7 @@ class CheckpointManager:
         Call it at every step on every process (JAX's preemption sync manager when
         ``jax.distributed`` runs, else a SIGTERM handler); save and exit when it is true.
         """
-        return distributed.reached_preemption(step, self._group)
+        return preemption.reached_preemption(step, self._group)
 
     def _should_save_here(self, step: int) -> bool:
         if self._options.read_only:

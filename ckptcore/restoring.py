@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptcore import arrays, distributed, gcpause, index, memory, storage
+from ckptcore import arrays, distributed, gcpause, index, memory, replicas, storage
 from ckptcore.dtypes import dtype_from_name
 from ckptcore.errors import (
     CheckpointError,
@@ -290,7 +290,7 @@ def _restore_location(
     max_bytes_in_flight: int | None,
     progress: ProgressCallback | None,
 ) -> Any:
-    target, widen = distributed.single_replica_targets(target)  # identity unless that option is on
+    target, widen = replicas.single_replica_targets(target)  # identity unless that option is on
     planner = _Planner(partial)
     skeleton = planner.plan(doc["tree"], target, (), target is not None)
     if planner.missing:  # only for "did you mean" hints: thousands of paths are costly to format

@@ -62,7 +62,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import ckptcore  # noqa: E402
-from ckptcore import distributed  # noqa: E402
+from ckptcore import distributed, preemption, replicas  # noqa: E402
 from ckptcore.hookspecs import hookimpl  # noqa: E402
 from ckptcore.registrations import ArrayFormatRegistration  # noqa: E402
 
@@ -242,7 +242,7 @@ def scenario_single_replica() -> None:
     check_state(ckptcore.restore(path, make_target(mesh)), mesh)
     RESULT["bytes_read_plain"] = COUNTING.bytes_read
     COUNTING.bytes_read = 0
-    restored = distributed.restore(path, make_target(mesh), single_replica=True)
+    restored = replicas.restore(path, make_target(mesh), single_replica=True)
     RESULT["bytes_read_single"] = COUNTING.bytes_read
     RESULT["checked_single"] = check_state(restored, mesh)
 
@@ -326,8 +326,8 @@ def scenario_preemption() -> None:
     import signal
 
     mgr = ckptcore.CheckpointManager(f"{CONFIG['dir']}/run", ckptcore.CheckpointManagerOptions(save_interval_steps=100))
-    distributed.install_preemption_handler()
-    RESULT["sync_manager"] = distributed._sync_manager() is not None
+    preemption.install_preemption_handler()
+    RESULT["sync_manager"] = preemption._sync_manager() is not None
     stop = None
     for step in range(60):
         if step == 3 and ME == CONFIG["processes"] - 1:
