@@ -102,6 +102,37 @@ def check_json(value: Any, what: str) -> Any:
     return value
 
 
+def check_replaceable(location: Location, strategy: AtomicCommit, force: bool) -> None:
+    """Refuse to save over anything but a ckptcore checkpoint (and over one without ``force``).
+
+    ``force`` replaces checkpoints only: a directory of other files, a manager's root or a
+    regular file at the path is never deleted, whatever ``force`` says.
+    """
+    fs, path = location.fs, location.path
+    try:
+        committed = strategy.is_committed(location)
+        exists = committed or fs.exists(path)
+        if not exists or (not committed and strategy.is_staging(location)):
+            return  # nothing there, or the leftover of an interrupted save (replaced by begin)
+        is_checkpoint = committed and fs.exists(f"{path.rstrip('/')}/{index.INDEX_FILE}")
+        empty_dir = not is_checkpoint and fs.isdir(path) and not fs.ls(path, detail=False)
+    except OSError as exc:
+        raise StorageError(f"could not check what is at {location.url}: {exc}") from exc
+    if is_checkpoint:
+        if not force:
+            raise AlreadyExistsError(f"a checkpoint already exists at {location.url}; pass force=True to replace it")
+        return
+    if empty_dir:
+        if not force:
+            raise AlreadyExistsError(f"{location.url} is an empty directory; remove it or pass force=True to save there")
+        return
+    what = "a file" if fs.isfile(path) else "a directory that is not a ckptcore checkpoint (no ckptcore_index.json)"
+    raise AlreadyExistsError(
+        f"{location.url} is {what}; ckptcore never replaces it, even with force=True. Save to another path, "
+        "or remove it yourself first."
+    )
+
+
 @contextlib.contextmanager
 def aborted_on_failure(strategy: AtomicCommit, staging: Location, what: str) -> Iterator[None]:
     """Abort ``staging`` if the body fails, and report the failure as a ckptcore error.
@@ -146,8 +177,7 @@ def write(
     user_metadata = check_json(dict(metadata or {}), "checkpoint metadata")
     location = storage.resolve(path, storage_options)
     strategy = storage.atomicity(location)
-    if not force and strategy.is_committed(location):
-        raise AlreadyExistsError(f"a checkpoint already exists at {location.url}; pass force=True to replace it")
+    check_replaceable(location, strategy, force)
     staging = strategy.begin(location)
     with aborted_on_failure(strategy, staging, location.url):
         write_contents(

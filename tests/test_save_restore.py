@@ -268,3 +268,36 @@ def test_plain_crc32_checksums_are_still_verified(tmp_path):
     index_file.write_text(json.dumps(doc))
     with pytest.raises(ckptcore.errors.ChecksumMismatchError):
         ckptcore.restore(path)
+
+
+def test_force_never_replaces_what_is_not_a_checkpoint(tmp_path):
+    """force=True replaces checkpoints only: other directories, manager roots and files survive."""
+    user_dir = tmp_path / "thesis"
+    (user_dir / "sub").mkdir(parents=True)
+    (user_dir / "sub" / "chapter1.txt").write_text("precious")
+    a_file = tmp_path / "afile"
+    a_file.write_text("also precious")
+    for target in (user_dir, a_file):
+        for force in (False, True):
+            with pytest.raises(AlreadyExistsError, match="never replaces it, even with force=True"):
+                ckptcore.save(target, {"a": 1}, force=force)
+    assert (user_dir / "sub" / "chapter1.txt").read_text() == "precious"
+    assert a_file.read_text() == "also precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "thesis"]  # no leftovers either
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(AlreadyExistsError, match="empty directory"):
+        ckptcore.save(empty, {"a": 1})
+    ckptcore.save(empty, {"a": 1}, force=True)
+    assert ckptcore.restore(empty) == {"a": 1}
+
+
+@pytest.mark.parametrize("fmt", ["ocdbt", "zarr3"])
+def test_zero_d_arrays_come_back_as_arrays(tmp_path, fmt):
+    ckptcore.save(tmp_path / "ck", {"a": np.array(3.5), "b": np.array(2, np.int8)}, format=fmt)
+    back = ckptcore.restore(tmp_path / "ck")
+    assert type(back["a"]) is np.ndarray and back["a"].shape == () and back["a"] == 3.5
+    assert type(back["b"]) is np.ndarray and back["b"].dtype == np.int8
+    cast = ckptcore.restore(tmp_path / "ck", {"a": np.empty((), np.float32), "b": None})
+    assert type(cast["a"]) is np.ndarray and cast["a"].dtype == np.float32 and cast["b"] is None

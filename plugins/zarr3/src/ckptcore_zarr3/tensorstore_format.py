@@ -243,8 +243,8 @@ class TensorStoreFormat:
             raise CorruptCheckpointError(f"packed array {r.key!r} is truncated or inconsistent with the index")
         whole = blob[start : start + length].view(r.saved_dtype).reshape(r.shape)
         for region in r.regions:
-            part = whole[region]
-            out.append(part.copy() if r.dtype == r.saved_dtype else part.astype(r.dtype))
+            # np.array, not .copy(): indexing a 0-d array with () gives a NumPy scalar.
+            out.append(np.array(whole[region], dtype=r.dtype, copy=True))
 
 
 def _read_region(source: ts.TensorStore) -> tuple[Any, np.ndarray | None]:
