@@ -244,7 +244,7 @@ def restore(
     partial: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     max_bytes_in_flight: int | None = None,
-    progress: ProgressCallback | None = None,
+    progress: ProgressCallback | bool | None = None,
 ) -> Any:
     """Restore the checkpoint at ``path``.
 
@@ -255,13 +255,16 @@ def restore(
         rebuilt with the target's types.
     :param partial: the target may name a subset of the checkpoint; only those leaves are read.
     :param max_bytes_in_flight: the most array bytes read at once (bounds memory beyond the result).
-    :param progress: called with (bytes read, bytes total).
+    :param progress: ``True`` for a progress bar, or a callable(bytes read, bytes total).
     :raises TargetMismatchError: listing every missing key, extra key and shape mismatch.
     """
-    with gcpause.paused():  # a blocking call: its many short-lived objects need no collection
+    from ckptcore import progress as progress_lib
+
+    with gcpause.paused(), progress_lib.resolve(progress, f"restoring {path}") as callback:
+        # gcpause: a blocking call whose many short-lived objects need no collection
         location, doc = open_committed(path, storage_options)
         return restore_location(
-            location, doc, target, partial=partial, max_bytes_in_flight=max_bytes_in_flight, progress=progress
+            location, doc, target, partial=partial, max_bytes_in_flight=max_bytes_in_flight, progress=callback
         )
 
 

@@ -317,7 +317,7 @@ def save(
     format_options: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
     storage_options: Mapping[str, Any] | None = None,
-    progress: ProgressCallback | None = None,
+    progress: ProgressCallback | bool | None = None,
 ) -> None:
     """Save the pytree ``state`` to ``path`` atomically.
 
@@ -327,12 +327,15 @@ def save(
     :param format_options: options of the array format (e.g. ``{"chunk_bytes": ...}``).
     :param metadata: JSON-able data stored in the index, returned by :func:`ckptcore.info`.
     :param storage_options: per-call options for the storage plugin (endpoint, credentials...).
-    :param progress: called with (bytes written, bytes total).
+    :param progress: ``True`` for a progress bar, or a callable(bytes written, bytes total).
     :raises AlreadyExistsError: a checkpoint exists at ``path`` and ``force`` is false.
     :raises UnsupportedLeafError: a leaf cannot be saved (raised before anything is written).
     """
-    with gcpause.paused():  # a blocking call: its many short-lived objects need no collection
+    from ckptcore import progress as progress_lib
+
+    with gcpause.paused(), progress_lib.resolve(progress, f"saving {path}") as callback:
+        # gcpause: a blocking call whose many short-lived objects need no collection
         write(
             prepare(state, copy=False), path, force=force, format=format, format_options=format_options,
-            metadata=metadata, storage_options=storage_options, progress=progress,
+            metadata=metadata, storage_options=storage_options, progress=callback,
         )

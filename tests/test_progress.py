@@ -64,3 +64,12 @@ def test_recorder_sees_sync_save_reach_the_total(tmp_path):
     ckptcore.Checkpointer().save(tmp_path / "a", state, progress=recorder)
     assert recorder.last == (8000 + 400, 8400)
     assert recorder.calls[0][0] == 0
+
+
+def test_module_level_save_and_restore_take_progress_true(tmp_path):
+    state = {"w": np.arange(1000, dtype=np.float32)}
+    ckptcore.save(tmp_path / "ck", state, progress=True)
+    back = ckptcore.restore(tmp_path / "ck", progress=True)
+    assert np.array_equal(back["w"], state["w"])
+    with pytest.raises(InvalidOptionError):
+        ckptcore.restore(tmp_path / "ck", progress="yes")
