@@ -15,12 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from ckptcore.errors import CheckpointError, CheckpointTimeoutError
-
-
-class BackgroundWriteError(CheckpointError):
-    """A background save failed; the original exception is chained as ``__cause__``."""
-
+from ckptcore.errors import BackgroundWriteError, CheckpointTimeoutError
 
 _local = threading.local()
 

@@ -48,6 +48,7 @@ from ckptcore.errors import (
     CheckpointError,
     CheckpointTimeoutError,
     CorruptCheckpointError,
+    ProcessFailedError,  # re-exported: defined with the other errors
 )
 
 if TYPE_CHECKING:
@@ -59,10 +60,6 @@ if TYPE_CHECKING:
 KEY_PREFIX = "ckptcore"
 DEFAULT_TIMEOUT_S = 300.0
 VALUE_PART_BYTES = 1 << 20  # larger KV values are split into parts (the runtime's messages are bounded)
-
-
-class ProcessFailedError(CheckpointError):
-    """Another process of a collective checkpoint operation failed or stopped answering."""
 
 
 # -- options and groups ----------------------------------------------------------------

@@ -122,3 +122,14 @@ class CheckpointerClosedError(CheckpointError, RuntimeError):
 
 
 __all__ += ["CheckpointerClosedError", "InvalidOptionError"]
+
+
+class BackgroundWriteError(CheckpointError):
+    """A background save failed; the original exception is chained as ``__cause__``."""
+
+
+class ProcessFailedError(CheckpointError):
+    """Another process of a collective (multi-process) checkpoint operation failed or stopped answering."""
+
+
+__all__ += ["BackgroundWriteError", "ProcessFailedError"]

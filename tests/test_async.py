@@ -14,9 +14,9 @@ from ckptcore_zarr3.tensorstore_format import TensorStoreFormat
 
 import ckptcore
 from ckptcore import hookimpl
-from ckptcore.background import BackgroundWriteError
 from ckptcore.errors import (
     AlreadyExistsError,
+    BackgroundWriteError,
     CheckpointerClosedError,
     CheckpointNotFoundError,
     CheckpointTimeoutError,

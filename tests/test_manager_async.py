@@ -11,8 +11,7 @@ import pytest
 
 from ckptcore import CheckpointManager, CheckpointManagerOptions
 from ckptcore import locks as lease_files
-from ckptcore.background import BackgroundWriteError
-from ckptcore.errors import StepInUseError
+from ckptcore.errors import BackgroundWriteError, StepInUseError
 
 
 def state(i: int, n: int = 1000) -> dict:
