@@ -228,10 +228,21 @@ class PluginRegistry:
                 out[impl.plugin_name] = dict(value)  # type: ignore[call-overload]
         return out
 
+    def _not_loaded_note(self) -> str:
+        """Why installed plugins may be missing: switched off by the environment, or broken."""
+        if os.environ.get("CKPTCORE_DISABLE_PLUGIN_AUTOLOAD", "").lower() in ("1", "true", "yes"):
+            return " (plugin autoloading is off: CKPTCORE_DISABLE_PLUGIN_AUTOLOAD is set)"
+        skipped = [
+            f"{i.name} ({i.distribution}): {'blocked by CKPTCORE_BLOCK_PLUGINS' if i.status == 'blocked' else 'not in CKPTCORE_PLUGINS' if i.status == 'not allowed' else i.status}"
+            for i in self._infos.values()
+            if i.status in ("blocked", "not allowed") or i.status.startswith("failed")
+        ]
+        return f" (installed but not loaded: {'; '.join(skipped)})" if skipped else ""
+
     def _select(self, hook_name: str, key: str, keys_of: Any, what: str, how: str) -> Any:
         matches = [r for r in self._collect(hook_name) if key in keys_of(r)]
         if not matches:
-            raise MissingPluginError(f"no plugin provides {what} {key!r}: {how}")
+            raise MissingPluginError(f"no plugin provides {what} {key!r}: {how}{self._not_loaded_note()}")
         dists = {m.distribution for m in matches}
         if len(matches) > 1 and len(dists) > 1:
             raise PluginConflictError(
@@ -243,6 +254,8 @@ class PluginRegistry:
 
 def _scheme_hint(scheme: str) -> str:
     extra = _INSTALL_HINTS.get(scheme)
+    if scheme == "file":
+        return "local paths need the posix plugin, part of every ckptcore install: pip install ckptcore-posix"
     if extra:
         return f"`{scheme}://` needs the {extra} plugin: pip install 'ckptcore[{extra}]'"
     return f"install a ckptcore plugin that serves `{scheme}://` URLs"
