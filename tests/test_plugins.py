@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -86,7 +87,7 @@ def test_disable_autoload_then_register_in_process(tmp_path, monkeypatch):
     monkeypatch.setenv("CKPTCORE_DISABLE_PLUGIN_AUTOLOAD", "1")
     reset_registry()
     assert [i.name for i in ckptcore.list_plugins()] == ["ckptcore.builtin"]
-    with pytest.raises(errors.MissingPluginError, match=r"pip install 'ckptcore\[posix\]'"):
+    with pytest.raises(errors.MissingPluginError, match=r"pip install ckptcore-posix.*CKPTCORE_DISABLE_PLUGIN_AUTOLOAD is set"):
         ckptcore.save(tmp_path / "ck", {"a": 1})
     assert not (tmp_path / "ck").exists()
 
@@ -246,3 +247,16 @@ def test_registrations_carry_their_distribution():
 def test_unregistering_an_unknown_name_is_an_error():
     with pytest.raises(errors.PluginError, match=r"no plugin named .nope.*posix"):
         ckptcore.unregister_plugin("nope")
+
+
+def test_missing_plugin_error_names_an_installed_but_blocked_plugin():
+    code = (
+        "import ckptcore\n"
+        "try:\n"
+        "    ckptcore.save('/tmp/never-written-ckptcore-test', {'a': 1})\n"
+        "except ckptcore.errors.MissingPluginError as exc:\n"
+        "    print(exc)\n"
+    )
+    env = {**os.environ, "CKPTCORE_BLOCK_PLUGINS": "posix"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert "installed but not loaded: posix (ckptcore-posix): blocked by CKPTCORE_BLOCK_PLUGINS" in out
