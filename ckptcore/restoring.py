@@ -80,12 +80,17 @@ def open_committed(path: str | os.PathLike[str], storage_options: Mapping[str, A
             exists = location.fs.exists(location.path)
         except OSError as exc:
             raise StorageError(f"could not check {location.url}: {exc}") from exc
+        if exists and location.fs.isfile(location.path):
+            raise CheckpointNotFoundError(f"{location.url} is a file, not a checkpoint directory; check the path")
         if exists:
             raise NotCommittedError(
                 f"{location.url} exists but holds no committed checkpoint: a save there was interrupted or is "
                 "still running. Wait for it, or remove the directory if no save is running."
             )
-        raise CheckpointNotFoundError(f"no checkpoint at {location.url}")
+        raise CheckpointNotFoundError(
+            f"no checkpoint at {location.url}; check the path (and, for object stores, the bucket and "
+            "storage_options). A manager's steps are restored with CheckpointManager(root).restore(step)."
+        )
     return location, index.read_index(location)
 
 
