@@ -11,6 +11,8 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from ckptcore.errors import InvalidOptionError
+
 DEFAULT_ITEM = "default"
 
 # Item names become directory names inside a step on every storage: keep them portable.
@@ -20,7 +22,7 @@ _RESERVED = {"ckptcore_step.json"}
 
 def check_item_name(name: object) -> str:
     if not isinstance(name, str) or not _ITEM_NAME.fullmatch(name) or name in _RESERVED:
-        raise ValueError(
+        raise InvalidOptionError(
             f"invalid item name {name!r}: use 1-128 letters, digits, '_', '-' or '.', not starting with '.' or '-'"
         )
     return name
@@ -56,7 +58,7 @@ class Composite(Mapping[str, Any]):
     def __init__(self, items: Mapping[str, Any] | None = None, /, **kwargs: Any) -> None:
         merged = {**dict(items or {}), **kwargs}
         if not merged:
-            raise ValueError("a Composite needs at least one item")
+            raise InvalidOptionError("a Composite needs at least one item")
         self._items = {check_item_name(k): v for k, v in merged.items()}
 
     def __getitem__(self, name: str) -> Any:

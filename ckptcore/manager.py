@@ -40,6 +40,7 @@ from ckptcore.errors import (
     CorruptCheckpointError,
     IncompatibleVersionError,
     InvalidMetadataError,
+    InvalidOptionError,
     NotACheckpointRootError,
     ReadOnlyError,
     StepAlreadyExistsError,
@@ -917,9 +918,9 @@ def _check_step(step: Any) -> int:
     try:
         value = operator.index(step)
     except TypeError:
-        raise TypeError(f"a step is a non-negative integer, got {step!r}") from None
+        raise InvalidOptionError(f"a step is a non-negative integer, got {step!r}") from None
     if value < 0:
-        raise ValueError(f"a step is a non-negative integer, got {value}")
+        raise InvalidOptionError(f"a step is a non-negative integer, got {value}")
     return value
 
 

@@ -7,6 +7,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ckptcore.errors import InvalidOptionError
+
 
 @dataclass
 class CheckpointManagerOptions:
@@ -71,21 +73,21 @@ class CheckpointManagerOptions:
 
     def __post_init__(self) -> None:
         if self.best_mode not in ("min", "max"):
-            raise ValueError(f"best_mode must be 'min' or 'max', got {self.best_mode!r}")
+            raise InvalidOptionError(f"best_mode must be 'min' or 'max', got {self.best_mode!r}")
         if self.max_to_keep is not None and self.max_to_keep < 0:
-            raise ValueError(f"max_to_keep must be None or >= 0, got {self.max_to_keep}")
+            raise InvalidOptionError(f"max_to_keep must be None or >= 0, got {self.max_to_keep}")
         if self.save_interval_steps is not None and self.save_interval_steps < 0:
-            raise ValueError(f"save_interval_steps must be >= 0, got {self.save_interval_steps}")
+            raise InvalidOptionError(f"save_interval_steps must be >= 0, got {self.save_interval_steps}")
         if self.keep_period is not None and self.keep_period <= 0:
-            raise ValueError(f"keep_period must be None or > 0, got {self.keep_period}")
+            raise InvalidOptionError(f"keep_period must be None or > 0, got {self.keep_period}")
         if self.step_format_fixed_length is not None and self.step_format_fixed_length <= 0:
-            raise ValueError(f"step_format_fixed_length must be None or > 0, got {self.step_format_fixed_length}")
+            raise InvalidOptionError(f"step_format_fixed_length must be None or > 0, got {self.step_format_fixed_length}")
         if self.lease_ttl_secs <= 0:
-            raise ValueError(f"lease_ttl_secs must be > 0, got {self.lease_ttl_secs}")
+            raise InvalidOptionError(f"lease_ttl_secs must be > 0, got {self.lease_ttl_secs}")
         if self.todelete_subdir is not None and (
             not self.todelete_subdir or "/" in self.todelete_subdir.strip("/") or self.todelete_subdir in (".", "..")
         ):
-            raise ValueError(f"todelete_subdir must be one directory name, got {self.todelete_subdir!r}")
+            raise InvalidOptionError(f"todelete_subdir must be one directory name, got {self.todelete_subdir!r}")
 
     @property
     def keep_time_interval_secs(self) -> float | None:

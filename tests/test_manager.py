@@ -398,3 +398,14 @@ def test_options_validation():
         CheckpointManagerOptions(max_to_keep=-1)
     with pytest.raises(ValueError, match="todelete_subdir"):
         CheckpointManagerOptions(todelete_subdir="a/b")
+
+
+def test_bad_options_and_steps_are_checkpoint_errors(tmp_path):
+    from ckptcore.errors import InvalidOptionError
+
+    with pytest.raises(InvalidOptionError, match="max_to_keep"):
+        ckptcore.CheckpointManagerOptions(max_to_keep=-1)
+    with CheckpointManager(tmp_path / "run") as mgr:
+        with pytest.raises(InvalidOptionError, match="non-negative"):
+            mgr.save(-1, {"w": np.ones(2)})
+        assert mgr.all_steps() == []
