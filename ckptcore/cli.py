@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ckptcore.errors import CheckpointError
+from ckptcore.errors import CheckpointError, CheckpointNotFoundError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,8 +41,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "inspect":
             return _inspect(args.path, args.json)
         if args.command == "clean":
+            from ckptcore import storage
             from ckptcore.cleanup import clean
 
+            where = storage.resolve(args.directory)
+            if where.scheme == "file" and not where.fs.isdir(where.path):
+                what = "a file" if where.fs.exists(where.path) else "missing"
+                raise CheckpointNotFoundError(f"cannot clean {where.url}: it is {what}, not a directory; check the path")
             for url in clean(args.directory):
                 print(f"removed {url}")
             return 0
@@ -63,7 +68,6 @@ def _plugins(as_json: bool) -> int:
     if as_json:
         print(json.dumps([info.__dict__ | {"hooks": list(info.hooks)} for info in infos], indent=2))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title="ckptcore plugins")
@@ -71,7 +75,7 @@ def _plugins(as_json: bool) -> int:
         table.add_column(column)
     for info in infos:
         table.add_row(info.name, info.distribution, info.version, ", ".join(info.hooks), info.status)
-    Console().print(table)
+    _console().print(table)
     return 0
 
 
@@ -81,7 +85,13 @@ def _inspect(path: str, as_json: bool) -> int:
     from ckptcore.restoring import info
     from ckptcore.tree import decode_scalar
 
-    ck = info(path)
+    try:
+        ck = info(path)
+    except CheckpointNotFoundError as exc:
+        hint = _manager_hint(path)
+        if hint:
+            raise CheckpointNotFoundError(f"{exc}. {hint}") from exc
+        raise
     leaves = []
     for key_path, record in ck.leaves:
         entry: dict[str, Any] = {"path": key_path, "kind": record.get("kind")}
@@ -99,15 +109,14 @@ def _inspect(path: str, as_json: bool) -> int:
     summary = {
         "url": ck.url, "created": ck.created, "total_bytes": ck.total_bytes, "format_version": ck.format_version,
         "ckptcore_version": ck.ckptcore_version, "array_formats": ck.array_formats, "metadata": ck.metadata,
-        "leaves": leaves,
+        "leaves": leaves, "tree": ck.stored_tree,
     }
     if as_json:
         print(json.dumps(summary, indent=2))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = _console()
     console.print(f"[bold]{ck.url}[/bold]  created {ck.created}  {_human(ck.total_bytes)} in arrays")
     formats = ", ".join(f"{n} v{f.get('version')} ({f.get('distribution')} {f.get('plugin_version')})" for n, f in ck.array_formats.items())
     console.print(f"array formats: {formats or 'none'}; ckptcore {ck.ckptcore_version}")
@@ -116,13 +125,50 @@ def _inspect(path: str, as_json: bool) -> int:
     table = Table()
     for column in ("key path", "kind", "shape", "dtype", "bytes", "format / value"):
         table.add_column(column)
-    for leaf in leaves:
-        if "shape" in leaf:
-            table.add_row(leaf["path"], leaf["kind"], str(tuple(leaf["shape"])), leaf["dtype"], _human(leaf["bytes"]), leaf["format"])
+    by_path = {leaf["path"]: leaf for leaf in leaves}
+    for key_path, kind in _structure_rows(ck.stored_tree):
+        leaf = by_path.get(key_path)
+        if leaf is None:  # None, or an empty container: part of the tree, holds no data
+            table.add_row(key_path, kind, "", "", "", "")
+        elif "shape" in leaf:
+            table.add_row(key_path, leaf["kind"], str(tuple(leaf["shape"])), leaf["dtype"], _human(leaf["bytes"]), leaf["format"])
         else:
-            table.add_row(leaf["path"], leaf["kind"], "", leaf.get("dtype", ""), "", leaf["repr"])
+            table.add_row(key_path, leaf["kind"], "", leaf.get("dtype", ""), "", leaf["repr"])
     console.print(table)
     return 0
+
+
+def _structure_rows(node: dict[str, Any], path: tuple[str | int, ...] = ()) -> list[tuple[str, str]]:
+    """(key path, kind) of every leaf, None and empty container, in tree order."""
+    from ckptcore.keys import format_key_path
+    from ckptcore.tree import children
+
+    kind = node["type"]
+    if kind == "leaf":
+        return [(format_key_path(path), str(node.get("kind")))]
+    if kind == "none":
+        return [(format_key_path(path), "None")]
+    kids = children(node)
+    if not kids:
+        return [(format_key_path(path), f"empty {kind}")]
+    return [row for key, child in kids for row in _structure_rows(child, (*path, key))]
+
+
+def _manager_hint(path: str) -> str:
+    """What to inspect instead when ``path`` is a manager's root or step directory."""
+    from ckptcore import storage
+
+    try:
+        location = storage.resolve(path)
+        fs, base = location.fs, location.path.rstrip("/")
+        if fs.exists(f"{base}/ckptcore_step.json"):
+            items = sorted(p.rstrip("/").rpartition("/")[2] for p in fs.ls(base, detail=False) if fs.isdir(p))
+            return f"It is a CheckpointManager step: inspect one of its items: {', '.join(f'{path}/{i}' for i in items)}"
+        if fs.exists(f"{base}/ckptcore_manager.json"):
+            return "It is a CheckpointManager root: inspect an item of a step, e.g. ROOT/<step>/default"
+    except Exception:  # a hint is best effort; the original error stands
+        return ""
+    return ""
 
 
 def _human(n: int) -> str:
@@ -148,3 +194,10 @@ def _json_value(value: Any) -> Any:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _console() -> Any:
+    """A rich console; wide when printing to a pipe or file, so key paths are not cut."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)

@@ -69,6 +69,7 @@ class CheckpointInfo:
     metadata: Mapping[str, Any]
     plugin_metadata: Mapping[str, Any]
     leaves: list[tuple[str, Node]]
+    stored_tree: Node  # the tree exactly as the index stores it (plain JSON)
 
 
 def open_committed(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> tuple[Location, dict[str, Any]]:
@@ -134,6 +135,7 @@ def info(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | N
         ckptcore_version=doc.get("ckptcore_version", ""), array_formats=doc.get("array_formats", {}),
         metadata=doc.get("metadata", {}), plugin_metadata=doc.get("plugin_metadata", {}),
         leaves=[(format_key_path(p), r) for p, r in iter_leaves(doc["tree"])],
+        stored_tree=doc["tree"],
     )
 
 

@@ -133,3 +133,28 @@ def test_usage_errors_and_python_m():
     assert out.returncode == 0 and "plugins" in out.stdout and "inspect" in out.stdout and "clean" in out.stdout
     out = subprocess.run([sys.executable, "-m", "ckptcore", "nonsense"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_inspect_shows_none_and_empty_containers_and_json_tree(tmp_path):
+    path = tmp_path / "ck"
+    ckptcore.save(path, {"w": np.ones(3, np.float32), "opt": None, "extra": {}})
+    table = subprocess.run([sys.executable, "-m", "ckptcore", "inspect", str(path)], capture_output=True, text=True)
+    assert table.returncode == 0
+    assert "['opt']" in table.stdout and "None" in table.stdout and "empty dict" in table.stdout
+    doc = json.loads(
+        subprocess.run([sys.executable, "-m", "ckptcore", "inspect", str(path), "--json"], capture_output=True, text=True).stdout
+    )
+    assert [item["key"] for item in doc["tree"]["items"]] == ["w", "opt", "extra"]
+    assert doc["tree"]["items"][1]["value"] == {"type": "none"}
+
+
+def test_inspect_of_a_manager_step_points_at_its_items(tmp_path):
+    with ckptcore.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save(3, {"a": np.ones(2)})
+    out = subprocess.run([sys.executable, "-m", "ckptcore", "inspect", str(tmp_path / "run" / "3")], capture_output=True, text=True)
+    assert out.returncode == 2 and "CheckpointManager step" in out.stderr and str(tmp_path / "run" / "3" / "default") in out.stderr
+
+
+def test_clean_of_a_missing_directory_is_an_error(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "ckptcore", "clean", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert out.returncode == 2 and "missing, not a directory" in out.stderr
