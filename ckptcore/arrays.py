@@ -120,6 +120,11 @@ def plan_read(path: KeyPath, record: dict[str, Any], target: Any) -> tuple[ReadR
         return jax_arrays.plan_read(path, record, target, saved_shape, saved_dtype)
     dtype = saved_dtype
     wanted = target_shape_dtype(target) if target is not None else None
+    if target is not None and wanted is None:
+        raise TargetMismatchError(
+            f"the target leaf at {format_key_path(path)} is a {type(target).__name__}, but the checkpoint holds an "
+            "array there: use an array or an object with .shape and .dtype, or None to skip it"
+        )
     if wanted is not None:
         check_shape(path, saved_shape, wanted[0])
         dtype = wanted[1]

@@ -301,3 +301,10 @@ def test_zero_d_arrays_come_back_as_arrays(tmp_path, fmt):
     assert type(back["b"]) is np.ndarray and back["b"].dtype == np.int8
     cast = ckptcore.restore(tmp_path / "ck", {"a": np.empty((), np.float32), "b": None})
     assert type(cast["a"]) is np.ndarray and cast["a"].dtype == np.float32 and cast["b"] is None
+
+
+def test_a_target_leaf_that_is_not_array_like_is_a_mismatch(tmp_path):
+    ckptcore.save(tmp_path / "ck", {"w": np.ones(3, np.float32), "n": 4})
+    with pytest.raises(TargetMismatchError, match=r"\['w'\] is a str"):
+        ckptcore.restore(tmp_path / "ck", {"w": "abc", "n": 0})
+    assert ckptcore.restore(tmp_path / "ck", {"w": np.empty(3, np.float32), "n": 0})["n"] == 4
