@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -142,7 +143,8 @@ class Lease:
         except FileNotFoundError:
             pass
         except Exception as exc:  # storage unreachable: the lease expires by itself
-            log.warning("could not remove lease %s (it expires by itself): %s", self.path, exc)
+            if not sys.is_finalizing():  # at interpreter exit imports fail; expiry handles it silently
+                log.warning("could not remove lease %s (it expires by itself): %s", self.path, exc)
 
 
 def acquire_writer_lock(root: Location, ttl: float) -> Lease:
