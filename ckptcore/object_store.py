@@ -22,7 +22,7 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -104,6 +104,23 @@ RETRY_OPTION_KEYS = ("retries", "retry_delay", "retry_max_delay", "timeout")
 
 _fs_cache: dict[str, Any] = {}
 _fs_lock = threading.Lock()
+
+
+def parse_bucket_url(url: str, options: Mapping[str, Any], known_options: Sequence[str], plugin: str) -> tuple[str, str]:
+    """The bucket and key of ``scheme://BUCKET/key``, after checking ``options`` are ones the plugin knows.
+
+    Keys starting with ``_ckptcore`` are the core's own and always allowed.
+    """
+    scheme, _, rest = url.partition("://")
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise StorageError(f"{url} names no bucket: use {scheme}://BUCKET/path/to/checkpoint")
+    unknown = sorted(k for k in options if k not in known_options and not k.startswith("_ckptcore"))
+    if unknown:
+        raise StorageError(
+            f"unknown storage_options {unknown} for {url}; the {plugin} plugin accepts {', '.join(known_options)}"
+        )
+    return bucket, key.strip("/")
 
 
 def options_key(scheme: str, options: Mapping[str, Any]) -> str:

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ckptcore.errors import StorageError
-from ckptcore.object_store import RETRY_OPTION_KEYS, RetryPolicy, cached_filesystem, storage_error
+from ckptcore.object_store import RETRY_OPTION_KEYS, RetryPolicy, cached_filesystem, parse_bucket_url, storage_error
 from ckptcore.registrations import Location
 
 log = logging.getLogger("ckptcore_gcs")
@@ -52,16 +52,8 @@ class GCSBackend:
     """``gs://`` (and ``gcs://``) URLs."""
 
     def resolve(self, url: str, options: Mapping[str, Any]) -> Location:
-        scheme, _, rest = url.partition("://")
-        bucket, _, key = rest.partition("/")
-        key = key.strip("/")
-        if not bucket:
-            raise StorageError(f"{url} names no bucket: use gs://BUCKET/path/to/checkpoint")
-        unknown = sorted(set(options) - set(OPTION_KEYS) - {k for k in options if k.startswith("_ckptcore")})
-        if unknown:
-            raise StorageError(
-                f"unknown storage_options {unknown} for {url}; the gcs plugin accepts {', '.join(OPTION_KEYS)}"
-            )
+        scheme = url.partition("://")[0]
+        bucket, key = parse_bucket_url(url, options, OPTION_KEYS, "gcs")
         policy = RetryPolicy.from_options(options)
         endpoint = emulator_endpoint(options)
         _point_tensorstore_at(endpoint)

@@ -11,7 +11,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from ckptcore.errors import StorageError
-from ckptcore.object_store import RETRY_OPTION_KEYS, RetryPolicy, cached_filesystem, options_key, storage_error
+from ckptcore.object_store import (
+    RETRY_OPTION_KEYS,
+    RetryPolicy,
+    cached_filesystem,
+    options_key,
+    parse_bucket_url,
+    storage_error,
+)
 from ckptcore.registrations import Location
 
 OPTION_KEYS = (
@@ -44,16 +51,7 @@ class S3Backend:
     """``s3://`` URLs, on AWS or any S3-compatible store (MinIO, moto, Ceph...)."""
 
     def resolve(self, url: str, options: Mapping[str, Any]) -> Location:
-        _, _, rest = url.partition("://")
-        bucket, _, key = rest.partition("/")
-        key = key.strip("/")
-        if not bucket:
-            raise StorageError(f"{url} names no bucket: use s3://BUCKET/path/to/checkpoint")
-        unknown = sorted(set(options) - set(OPTION_KEYS) - {k for k in options if k.startswith("_ckptcore")})
-        if unknown:
-            raise StorageError(
-                f"unknown storage_options {unknown} for {url}; the s3 plugin accepts {', '.join(OPTION_KEYS)}"
-            )
+        bucket, key = parse_bucket_url(url, options, OPTION_KEYS, "s3")
         if bool(options.get("key")) != bool(options.get("secret")):
             raise StorageError(f"storage_options for {url} need both 'key' and 'secret', or neither")
         policy = RetryPolicy.from_options(options)
