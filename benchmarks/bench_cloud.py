@@ -1,7 +1,7 @@
 """ckptcore vs orbax-checkpoint on local object-store emulators.
 
 Starts fake-gcs-server (GCS) and moto_server (S3) on 127.0.0.1, each behind a counting
-proxy (ckptcore.testing.faultproxy, no faults), then saves and restores a state of
+proxy (ckptcore_testing.faultproxy, no faults), then saves and restores a state of
 ``--arrays`` float32 arrays (``--size-mb`` in total, default 8 x 128 MiB = 1 GiB):
 
 * ckptcore -> gs://   (ckptcore.save / ckptcore.restore)
@@ -26,8 +26,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ckptcore.testing import servers
-from ckptcore.testing.faultproxy import FaultProxy
+from ckptcore_testing import servers
+from ckptcore_testing.faultproxy import FaultProxy
 
 
 def _state(size_mb: int, arrays: int) -> dict[str, Any]:

@@ -65,7 +65,7 @@ def worker(args: argparse.Namespace) -> None:
     from jax.sharding import PartitionSpec as P
 
     import ckptcore
-    from ckptcore import distributed
+    from ckptcore.parallel import jax_coordinator as distributed
 
     me = jax.process_index()
     client = distributed._jax_distributed().client if args.n > 1 else None

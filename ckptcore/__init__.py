@@ -16,56 +16,56 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it (imported on first access)
 _LAZY = {
-    "save": "ckptcore.saving",
-    "restore": "ckptcore.restoring",
-    "metadata": "ckptcore.restoring",
-    "info": "ckptcore.restoring",
-    "ArrayMetadata": "ckptcore.restoring",
-    "CheckpointInfo": "ckptcore.restoring",
-    "hookimpl": "ckptcore.hookspecs",
-    "register_plugin": "ckptcore.plugins",
-    "unregister_plugin": "ckptcore.plugins",
-    "list_plugins": "ckptcore.plugins",
-    "PluginInfo": "ckptcore.plugins",
-    "Location": "ckptcore.registrations",
-    "WriteRequest": "ckptcore.registrations",
-    "ReadRequest": "ckptcore.registrations",
-    "Shard": "ckptcore.registrations",
-    "StorageRegistration": "ckptcore.registrations",
-    "AtomicityRegistration": "ckptcore.registrations",
-    "StepLayoutRegistration": "ckptcore.registrations",
-    "ArrayFormatRegistration": "ckptcore.registrations",
-    "SaveContext": "ckptcore.registrations",
-    "clean": "ckptcore.cleanup",
-    "MultiprocessOptions": "ckptcore.distributed",
-    "multiprocess_options": "ckptcore.distributed",
-    "set_multiprocess_options": "ckptcore.distributed",
-    "CheckpointManager": "ckptcore.manager",
-    "CheckpointManagerOptions": "ckptcore.manager_options",
-    "Composite": "ckptcore.composite",
-    "Json": "ckptcore.composite",
-    "checkpoints_iterator": "ckptcore.evaluation",
-    "wait_for_new_checkpoint": "ckptcore.evaluation",
-    "Checkpointer": "ckptcore.checkpointer",
-    "AsyncCheckpointer": "ckptcore.checkpointer",
+    "save": "ckptcore.io.save",
+    "restore": "ckptcore.io.restore",
+    "metadata": "ckptcore.io.restore",
+    "info": "ckptcore.io.restore",
+    "ArrayMetadata": "ckptcore.io.restore",
+    "CheckpointInfo": "ckptcore.io.restore",
+    "hookimpl": "ckptcore.plugins.hookspecs",
+    "register_plugin": "ckptcore.plugins.manager",
+    "unregister_plugin": "ckptcore.plugins.manager",
+    "list_plugins": "ckptcore.plugins.manager",
+    "PluginInfo": "ckptcore.plugins.manager",
+    "Location": "ckptcore.plugins.registrations",
+    "WriteRequest": "ckptcore.plugins.registrations",
+    "ReadRequest": "ckptcore.plugins.registrations",
+    "Shard": "ckptcore.plugins.registrations",
+    "StorageRegistration": "ckptcore.plugins.registrations",
+    "AtomicityRegistration": "ckptcore.plugins.registrations",
+    "StepLayoutRegistration": "ckptcore.plugins.registrations",
+    "ArrayFormatRegistration": "ckptcore.plugins.registrations",
+    "SaveContext": "ckptcore.plugins.registrations",
+    "clean": "ckptcore.storage.cleanup",
+    "MultiprocessOptions": "ckptcore.parallel.jax_coordinator",
+    "multiprocess_options": "ckptcore.parallel.jax_coordinator",
+    "set_multiprocess_options": "ckptcore.parallel.jax_coordinator",
+    "CheckpointManager": "ckptcore.manager.manager",
+    "CheckpointManagerOptions": "ckptcore.manager.options",
+    "Composite": "ckptcore.manager.composite",
+    "Json": "ckptcore.manager.composite",
+    "checkpoints_iterator": "ckptcore.manager.evaluation",
+    "wait_for_new_checkpoint": "ckptcore.manager.evaluation",
+    "Checkpointer": "ckptcore.checkpointers.checkpointer",
+    "AsyncCheckpointer": "ckptcore.checkpointers.checkpointer",
 }
 
 # public submodules, also imported on first access (``ckptcore.progress.bar()``)
-_SUBMODULES = ("progress", "testing")
+_SUBMODULES = ("progress",)
 
 __all__ = ["CheckpointError", "errors", "__version__", *_LAZY, *_SUBMODULES]
 
 if TYPE_CHECKING:
-    from ckptcore.checkpointer import AsyncCheckpointer, Checkpointer
-    from ckptcore.cleanup import clean
-    from ckptcore.composite import Composite, Json
-    from ckptcore.distributed import MultiprocessOptions, multiprocess_options, set_multiprocess_options
-    from ckptcore.evaluation import checkpoints_iterator, wait_for_new_checkpoint
-    from ckptcore.hookspecs import hookimpl
-    from ckptcore.manager import CheckpointManager
-    from ckptcore.manager_options import CheckpointManagerOptions
-    from ckptcore.plugins import PluginInfo, list_plugins, register_plugin, unregister_plugin
-    from ckptcore.registrations import (
+    from ckptcore.checkpointers.checkpointer import AsyncCheckpointer, Checkpointer
+    from ckptcore.storage.cleanup import clean
+    from ckptcore.manager.composite import Composite, Json
+    from ckptcore.parallel.jax_coordinator import MultiprocessOptions, multiprocess_options, set_multiprocess_options
+    from ckptcore.manager.evaluation import checkpoints_iterator, wait_for_new_checkpoint
+    from ckptcore.plugins.hookspecs import hookimpl
+    from ckptcore.manager.manager import CheckpointManager
+    from ckptcore.manager.options import CheckpointManagerOptions
+    from ckptcore.plugins.manager import PluginInfo, list_plugins, register_plugin, unregister_plugin
+    from ckptcore.plugins.registrations import (
         ArrayFormatRegistration,
         AtomicityRegistration,
         Location,
@@ -76,8 +76,8 @@ if TYPE_CHECKING:
         StorageRegistration,
         WriteRequest,
     )
-    from ckptcore.restoring import ArrayMetadata, CheckpointInfo, info, metadata, restore
-    from ckptcore.saving import save
+    from ckptcore.io.restore import ArrayMetadata, CheckpointInfo, info, metadata, restore
+    from ckptcore.io.save import save
 
 
 def __getattr__(name: str) -> Any:

@@ -1,5 +1,5 @@
 """``python -m ckptcore``: the same as the ``ckptcore`` command."""
 
-from ckptcore.cli import main
+from ckptcore.cli.main import main
 
 raise SystemExit(main())

@@ -62,9 +62,11 @@ from jax.sharding import NamedSharding, SingleDeviceSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import ckptcore  # noqa: E402
-from ckptcore import distributed, preemption, replicas  # noqa: E402
-from ckptcore.hookspecs import hookimpl  # noqa: E402
-from ckptcore.registrations import ArrayFormatRegistration  # noqa: E402
+from ckptcore.parallel import jax_coordinator as distributed
+from ckptcore.parallel import preemption
+from ckptcore.parallel import replicas  # noqa: E402
+from ckptcore.plugins.hookspecs import hookimpl  # noqa: E402
+from ckptcore.plugins.registrations import ArrayFormatRegistration  # noqa: E402
 
 ME = jax.process_index()
 

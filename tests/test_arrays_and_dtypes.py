@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import ckptcore
-from ckptcore.index import INDEX_FILE
+from ckptcore.io.index import INDEX_FILE
 
 FORMATS = ["ocdbt", "zarr3"]
 

@@ -24,7 +24,7 @@ from ckptcore.errors import (
     InvalidOptionError,
     UnsupportedLeafError,
 )
-from ckptcore.registrations import ArrayFormatRegistration
+from ckptcore.plugins.registrations import ArrayFormatRegistration
 
 GATE_LIMIT_S = 60  # a broken test must not hang the suite
 

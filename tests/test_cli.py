@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import ckptcore
-from ckptcore.cli import main
+from ckptcore.cli.main import main
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

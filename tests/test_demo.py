@@ -9,7 +9,7 @@ import sys
 import numpy as np
 
 from ckptcore import CheckpointManager, CheckpointManagerOptions
-from ckptcore.demo import _pack_rng, _unpack_rng, run_demo
+from ckptcore.cli.demo import _pack_rng, _unpack_rng, run_demo
 
 
 def test_demo_resumes_bit_identical_and_keeps_three_steps(tmp_path, capsys):

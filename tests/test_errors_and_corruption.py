@@ -16,8 +16,8 @@ import pytest
 
 import ckptcore
 from ckptcore import errors
-from ckptcore.index import INDEX_FILE
-from ckptcore.plugins import reset_registry
+from ckptcore.io.index import INDEX_FILE
+from ckptcore.plugins.manager import reset_registry
 
 
 def snapshot(root) -> dict[str, bytes]:

@@ -152,7 +152,7 @@ def test_restore_in_another_process_holds_a_lease(tmp_path, step_prefix):
         mgr.save(0, {"w": np.ones(100)})
     code = """
     import sys, ckptcore
-    from ckptcore import locks
+    from ckptcore.storage import locks
     real = locks.Lease.release
     def pause_then_release(self):
         print("holding", flush=True)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ckptcore
-from ckptcore import gcpause
+from ckptcore.io import gcpause
 
 
 def test_nested_pause_restores_the_previous_state():

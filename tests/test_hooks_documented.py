@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 import ckptcore
-from ckptcore import hookimpl, hookspecs
-from ckptcore.plugins import registry, reset_registry
-from ckptcore.registrations import (
+from ckptcore import hookimpl
+from ckptcore.plugins import hookspecs
+from ckptcore.plugins.manager import registry, reset_registry
+from ckptcore.plugins.registrations import (
     ArrayFormatRegistration,
     AtomicityRegistration,
     Location,
@@ -187,7 +188,7 @@ def test_every_hook_is_exercised(tmp_path, every_hook):
     assert info.array_formats["raw"]["version"] == 3
     assert info.array_formats["raw"]["distribution"] == "(registered in process)"
     assert info.plugin_metadata["every-hook"] == {"url": url, "formats": ["raw"], "user": {"note": "hi"}}
-    assert "ckptcore.builtin" in info.plugin_metadata  # the core's own metadata hook ran beside ours
+    assert "ckptcore.plugins.builtin" in info.plugin_metadata  # the core's own metadata hook ran beside ours
 
     # leftovers of a save that never committed are found through the atomicity hook
     os.makedirs(tmp_path / "run" / "half-written")

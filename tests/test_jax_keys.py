@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 import ckptcore
 from ckptcore.errors import CorruptCheckpointError, TargetMismatchError, UnsupportedLeafError
-from ckptcore.index import INDEX_FILE
+from ckptcore.io.index import INDEX_FILE
 
 
 def _mesh():

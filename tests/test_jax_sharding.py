@@ -22,11 +22,12 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 import ckptcore
-from ckptcore import jax_arrays, saving
+from ckptcore.io import jax_leaves as jax_arrays
+from ckptcore.io import save as saving
 from ckptcore.errors import ChecksumMismatchError, TargetMismatchError
-from ckptcore.hookspecs import hookimpl
-from ckptcore.index import INDEX_FILE
-from ckptcore.registrations import ArrayFormatRegistration
+from ckptcore.plugins.hookspecs import hookimpl
+from ckptcore.io.index import INDEX_FILE
+from ckptcore.plugins.registrations import ArrayFormatRegistration
 
 SHAPE = (256, 256)  # 256 KiB of float32: above SMALL_GATHER_BYTES, so shards are written and read one by one
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ckptcore import CheckpointManager, CheckpointManagerOptions
-from ckptcore import locks as lease_files
+from ckptcore.storage import locks as lease_files
 from ckptcore.errors import BackgroundWriteError, StepInUseError
 
 

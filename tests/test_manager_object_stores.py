@@ -11,7 +11,7 @@ import pytest
 
 import ckptcore
 from ckptcore import CheckpointManager, CheckpointManagerOptions, Composite, Json
-from ckptcore import locks as lease_files
+from ckptcore.storage import locks as lease_files
 from ckptcore.errors import ConcurrentWriterError, StepAlreadyExistsError
 
 

@@ -203,7 +203,7 @@ def test_preemption_every_process_saves_the_same_step(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("scheme", ["gs", "s3"])
 def test_two_processes_on_object_store_emulator(tmp_path: Path, scheme: str) -> None:
-    from ckptcore.testing import servers
+    from ckptcore_testing import servers
 
     start, env, create = (
         (servers.start_fake_gcs, servers.gcs_env, servers.create_gcs_bucket) if scheme == "gs"

@@ -12,7 +12,7 @@ import pytest
 import ckptcore
 from ckptcore import storage
 from ckptcore.errors import AlreadyExistsError, CheckpointNotFoundError, NotCommittedError, TargetMismatchError
-from ckptcore.object_store import COMMIT_MARKER, PENDING_MARKER
+from ckptcore.storage.object_store import COMMIT_MARKER, PENDING_MARKER
 
 
 def _state(seed: int = 0) -> dict:
@@ -105,7 +105,7 @@ def test_uncommitted_directory_is_invisible_and_cleaned(cloud):
     final = storage.resolve(cloud.url("root/crashed"))
     strategy = storage.atomicity(final)
     staging = strategy.begin(final)
-    from ckptcore import saving
+    from ckptcore.io import save as saving
 
     saving.write_contents(saving.prepare(_state(5)), staging, url=final.url)
     assert not strategy.is_committed(final) and strategy.is_staging(final)
@@ -122,7 +122,7 @@ def test_uncommitted_directory_is_invisible_and_cleaned(cloud):
 
 
 def _clean(url: str) -> list[str]:
-    from ckptcore.cleanup import clean
+    from ckptcore.storage.cleanup import clean
 
     return clean(url)
 

@@ -1,4 +1,4 @@
-"""Faults between ckptcore and real emulators (through ckptcore.testing.faultproxy).
+"""Faults between ckptcore and real emulators (through ckptcore_testing.faultproxy).
 
 Transient faults are retried; persistent ones fail a save with a clear StorageError after a
 bounded number of tries; nothing half-written ever looks committed; restores return

@@ -9,7 +9,7 @@ import pytest
 
 import ckptcore
 from ckptcore import storage
-from ckptcore.object_store import COMMIT_MARKER
+from ckptcore.storage.object_store import COMMIT_MARKER
 
 
 def _state(step: int) -> dict:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from ckptcore import CheckpointManager, CheckpointManagerOptions
-from ckptcore.retention import StepRecord, steps_to_delete
+from ckptcore.manager.retention import StepRecord, steps_to_delete
 
 ocp = pytest.importorskip("orbax.checkpoint")  # interoperability test: orbax is a test dependency
 

@@ -15,8 +15,8 @@ import pytest
 
 import ckptcore
 from ckptcore import errors, hookimpl
-from ckptcore.plugins import registry, reset_registry
-from ckptcore.registrations import ArrayFormatRegistration, StorageRegistration
+from ckptcore.plugins.manager import registry, reset_registry
+from ckptcore.plugins.registrations import ArrayFormatRegistration, StorageRegistration
 
 
 @pytest.fixture(autouse=True)
@@ -67,7 +67,7 @@ def test_import_does_not_load_plugins_and_first_use_does():
         """
         import sys, json
         import ckptcore
-        before = sorted(m for m in sys.modules if m.startswith(("ckptcore_", "pluggy", "ckptcore.plugins")))
+        before = sorted(m for m in sys.modules if m.startswith(("ckptcore_", "pluggy", "ckptcore.plugins.manager")))
         infos = ckptcore.list_plugins()
         after = sorted(m for m in sys.modules if m.startswith("ckptcore_"))
         print(json.dumps({"before": before, "after": after, "ts": "tensorstore" in sys.modules,
@@ -80,13 +80,13 @@ def test_import_does_not_load_plugins_and_first_use_does():
     assert "ckptcore_posix" in result["after"] and "ckptcore_zarr3" in result["after"]
     assert result["ts"] is False  # loading the zarr3 plugin does not import TensorStore
     assert result["names"]["posix"] == "loaded" and result["names"]["zarr3"] == "loaded"
-    assert result["names"]["ckptcore.builtin"] == "builtin"
+    assert result["names"]["ckptcore.plugins.builtin"] == "builtin"
 
 
 def test_disable_autoload_then_register_in_process(tmp_path, monkeypatch):
     monkeypatch.setenv("CKPTCORE_DISABLE_PLUGIN_AUTOLOAD", "1")
     reset_registry()
-    assert [i.name for i in ckptcore.list_plugins()] == ["ckptcore.builtin"]
+    assert [i.name for i in ckptcore.list_plugins()] == ["ckptcore.plugins.builtin"]
     with pytest.raises(errors.MissingPluginError, match=r"pip install ckptcore-posix.*CKPTCORE_DISABLE_PLUGIN_AUTOLOAD is set"):
         ckptcore.save(tmp_path / "ck", {"a": 1})
     assert not (tmp_path / "ck").exists()
@@ -103,7 +103,7 @@ def test_disable_autoload_then_register_in_process(tmp_path, monkeypatch):
     ckptcore.save(tmp_path / "arrays", {"a": np.ones(3)})
     assert ckptcore.restore(tmp_path / "arrays")["a"].sum() == 3
     statuses = {i.name: i.status for i in ckptcore.list_plugins()}
-    assert statuses == {"ckptcore.builtin": "builtin", "posix": "registered", "zarr3": "registered"}
+    assert statuses == {"ckptcore.plugins.builtin": "builtin", "posix": "registered", "zarr3": "registered"}
     ckptcore.unregister_plugin("zarr3")
     with pytest.raises(errors.MissingPluginError, match="ocdbt"):
         ckptcore.restore(tmp_path / "arrays")
@@ -140,7 +140,7 @@ def test_env_switches_in_a_fresh_process():
         "import ckptcore, json; print(json.dumps({i.name: i.status for i in ckptcore.list_plugins()}))",
         CKPTCORE_DISABLE_PLUGIN_AUTOLOAD="true",
     )
-    assert json.loads(out.stdout) == {"ckptcore.builtin": "builtin"}
+    assert json.loads(out.stdout) == {"ckptcore.plugins.builtin": "builtin"}
 
 
 def test_plugin_failing_to_import_is_logged_with_its_distribution_and_skipped(site, tmp_path, caplog):
@@ -154,7 +154,7 @@ def test_plugin_failing_to_import_is_logged_with_its_distribution_and_skipped(si
     )
     importlib.invalidate_caches()
     reset_registry()
-    with caplog.at_level(logging.WARNING, logger="ckptcore.plugins"):
+    with caplog.at_level(logging.WARNING, logger="ckptcore.plugins.manager"):
         infos = {i.name: i for i in ckptcore.list_plugins()}
     assert infos["broken"].status.startswith("failed: ImportError: needs libfoo.so")
     assert infos["broken"].distribution == "ckptcore-broken" and infos["broken"].version == "1.2.3"
@@ -167,7 +167,7 @@ def test_plugin_failing_to_import_is_logged_with_its_distribution_and_skipped(si
 
 STORAGE_PLUGIN = """
     from ckptcore import hookimpl
-    from ckptcore.registrations import StorageRegistration, ArrayFormatRegistration
+    from ckptcore.plugins.registrations import StorageRegistration, ArrayFormatRegistration
 
     class Backend:
         def resolve(self, url, options):

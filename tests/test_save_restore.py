@@ -13,7 +13,7 @@ import pytest
 
 import ckptcore
 from ckptcore.errors import AlreadyExistsError, TargetMismatchError
-from ckptcore.index import INDEX_FILE
+from ckptcore.io.index import INDEX_FILE
 
 Opt = collections.namedtuple("Opt", ["mu", "nu"])
 
@@ -89,7 +89,7 @@ def test_partial_reads_only_requested_leaves(saved):
 def test_partial_restore_reads_nothing_unrequested(tmp_path, monkeypatch):
     """Counted at the format: only the requested leaves reach the read requests."""
     seen: list[str] = []
-    from ckptcore.plugins import registry
+    from ckptcore.plugins.manager import registry
 
     reg = registry().array_format("zarr3")
     original = reg.format.read
@@ -244,7 +244,7 @@ def test_index_names_plugins_versions_and_checksums(tmp_path):
     fmt = doc["array_formats"]["ocdbt"]
     assert fmt["distribution"] == "ckptcore-zarr3" and fmt["plugin_version"] and isinstance(fmt["version"], int)
     assert doc["ckptcore_version"] == ckptcore.__version__ and doc["created"]
-    assert "python" in doc["plugin_metadata"]["ckptcore.builtin"]
+    assert "python" in doc["plugin_metadata"]["ckptcore.plugins.builtin"]
     for item in doc["tree"]["items"]:
         leaf = item["value"]
         assert leaf["checksum"].startswith("crc32c:") and leaf["key"] == item["key"] and leaf["format"] == "ocdbt"

@@ -45,7 +45,7 @@ import shutil
 
 import numpy as np
 from ckptcore import hookimpl
-from ckptcore.registrations import ArrayFormatRegistration, AtomicityRegistration, Location, StorageRegistration
+from ckptcore.plugins.registrations import ArrayFormatRegistration, AtomicityRegistration, Location, StorageRegistration
 
 
 class NpyDirFormat:

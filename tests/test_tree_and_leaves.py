@@ -14,7 +14,7 @@ import pytest
 
 import ckptcore
 from ckptcore.errors import UnsupportedLeafError
-from ckptcore.index import INDEX_FILE
+from ckptcore.io.index import INDEX_FILE
 
 Point = collections.namedtuple("Point", ["x", "y"])
 

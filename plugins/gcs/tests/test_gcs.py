@@ -10,7 +10,7 @@ import pytest
 import ckptcore
 from ckptcore import storage
 from ckptcore.errors import CheckpointNotFoundError, MissingPluginError, StorageError
-from ckptcore.plugins import reset_registry
+from ckptcore.plugins.manager import reset_registry
 
 
 def test_resolve_builds_gcsfs_and_tensorstore_spec(gcs_server, gcs_bucket):

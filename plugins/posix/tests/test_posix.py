@@ -13,7 +13,7 @@ from ckptcore_posix import LocalBackend, RenameCommit
 
 import ckptcore
 from ckptcore import errors
-from ckptcore.plugins import registry, reset_registry
+from ckptcore.plugins.manager import registry, reset_registry
 
 
 @pytest.fixture(autouse=True)

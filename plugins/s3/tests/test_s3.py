@@ -8,7 +8,7 @@ import pytest
 import ckptcore
 from ckptcore import storage
 from ckptcore.errors import CheckpointNotFoundError, MissingPluginError, StorageError
-from ckptcore.plugins import reset_registry
+from ckptcore.plugins.manager import reset_registry
 
 
 def test_resolve_puts_endpoint_and_region_into_the_tensorstore_spec(s3_server, s3_bucket, monkeypatch):

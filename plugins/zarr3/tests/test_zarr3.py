@@ -14,8 +14,8 @@ import pytest
 from ckptcore_zarr3 import layout
 from fsspec.implementations.local import LocalFileSystem
 
-from ckptcore.plugins import registry, reset_registry
-from ckptcore.registrations import Location, ReadRequest, Shard, WriteRequest
+from ckptcore.plugins.manager import registry, reset_registry
+from ckptcore.plugins.registrations import Location, ReadRequest, Shard, WriteRequest
 
 
 @pytest.fixture(autouse=True)

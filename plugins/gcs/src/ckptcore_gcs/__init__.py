@@ -13,9 +13,9 @@ Credentials: application default credentials, ``GOOGLE_APPLICATION_CREDENTIALS``
 
 from __future__ import annotations
 
-from ckptcore.hookspecs import hookimpl
-from ckptcore.object_store import CommitMarker
-from ckptcore.registrations import AtomicityRegistration, StorageRegistration
+from ckptcore.plugins.hookspecs import hookimpl
+from ckptcore.storage.object_store import CommitMarker
+from ckptcore.plugins.registrations import AtomicityRegistration, StorageRegistration
 from ckptcore_gcs.backend import CREDENTIALS_HINT, GCSBackend
 
 SCHEMES = ("gs", "gcs")

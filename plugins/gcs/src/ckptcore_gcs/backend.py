@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from ckptcore.errors import StorageError
-from ckptcore.object_store import RETRY_OPTION_KEYS, RetryPolicy, cached_filesystem, parse_bucket_url, storage_error
-from ckptcore.registrations import Location
+from ckptcore.storage.object_store import RETRY_OPTION_KEYS, RetryPolicy, cached_filesystem, parse_bucket_url, storage_error
+from ckptcore.plugins.registrations import Location
 
 log = logging.getLogger("ckptcore_gcs")
 

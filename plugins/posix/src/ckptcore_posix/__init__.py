@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from ckptcore.errors import AlreadyExistsError, StorageError
-from ckptcore.hookspecs import hookimpl
-from ckptcore.registrations import AtomicityRegistration, Location, StorageRegistration
+from ckptcore.plugins.hookspecs import hookimpl
+from ckptcore.plugins.registrations import AtomicityRegistration, Location, StorageRegistration
 
 STAGING = re.compile(r".+\.(ckptcore-tmp|ckptcore-deleting|ckptcore-old|orbax-checkpoint-tmp)-[^/]*$")
 _OLD = re.compile(r"(.+)\.ckptcore-old-[^/]*$")

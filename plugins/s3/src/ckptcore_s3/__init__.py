@@ -15,9 +15,9 @@ Credentials: the standard AWS chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_K
 
 from __future__ import annotations
 
-from ckptcore.hookspecs import hookimpl
-from ckptcore.object_store import CommitMarker
-from ckptcore.registrations import AtomicityRegistration, StorageRegistration
+from ckptcore.plugins.hookspecs import hookimpl
+from ckptcore.storage.object_store import CommitMarker
+from ckptcore.plugins.registrations import AtomicityRegistration, StorageRegistration
 from ckptcore_s3.backend import CREDENTIALS_HINT, S3Backend
 
 SCHEMES = ("s3",)

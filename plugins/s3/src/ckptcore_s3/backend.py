@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ckptcore.errors import StorageError
-from ckptcore.object_store import (
+from ckptcore.storage.object_store import (
     RETRY_OPTION_KEYS,
     RetryPolicy,
     cached_filesystem,
@@ -19,7 +19,7 @@ from ckptcore.object_store import (
     parse_bucket_url,
     storage_error,
 )
-from ckptcore.registrations import Location
+from ckptcore.plugins.registrations import Location
 
 OPTION_KEYS = (
     "endpoint", "region", "profile", "key", "secret", "token", "anon", "request_concurrency", *RETRY_OPTION_KEYS,

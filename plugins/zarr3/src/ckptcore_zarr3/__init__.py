@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ckptcore.hookspecs import hookimpl
-from ckptcore.registrations import ArrayFormatRegistration
+from ckptcore.plugins.hookspecs import hookimpl
+from ckptcore.plugins.registrations import ArrayFormatRegistration
 
 
 class _LazyFormat:

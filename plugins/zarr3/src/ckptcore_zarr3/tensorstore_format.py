@@ -22,7 +22,7 @@ import numpy as np
 import tensorstore as ts
 
 from ckptcore.errors import CorruptCheckpointError, InvalidOptionError
-from ckptcore.registrations import Location, ReadRequest, WriteRequest
+from ckptcore.plugins.registrations import Location, ReadRequest, WriteRequest
 from ckptcore_zarr3 import layout
 
 PACKED_PREFIX = ".packed/"  # '.' never appears in an escaped storage key, so no leaf collides

@@ -6,8 +6,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from ckptcore.plugins import registry
-from ckptcore.registrations import AtomicCommit, Location
+from ckptcore.plugins.manager import registry
+from ckptcore.plugins.registrations import AtomicCommit, Location
 
 
 def split_scheme(url: str) -> str:

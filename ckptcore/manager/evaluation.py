@@ -14,12 +14,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from ckptcore import locks, storage
-from ckptcore.errors import CheckpointError
-from ckptcore.manager import committed_steps, read_root_file
-from ckptcore.registrations import AtomicCommit, Location
+from ckptcore.storage import locks
 
-log = logging.getLogger("ckptcore.evaluation")
+from ckptcore import storage
+from ckptcore.errors import CheckpointError
+from ckptcore.manager.manager import committed_steps, read_root_file
+from ckptcore.plugins.registrations import AtomicCommit, Location
+
+log = logging.getLogger("ckptcore.manager.evaluation")
 
 
 def _open(directory: str | os.PathLike[str], storage_options: Mapping[str, Any] | None) -> tuple[Location, AtomicCommit]:

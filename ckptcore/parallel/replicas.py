@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ckptcore.distributed import current_options, multiprocess_options
+from ckptcore.parallel.jax_coordinator import current_options, multiprocess_options
 
 
 def restore(
@@ -25,7 +25,7 @@ def restore(
     **kwargs: Any,
 ) -> Any:
     """:func:`ckptcore.restore` with the single-replica options given per call."""
-    from ckptcore import restoring
+    from ckptcore.io import restore as restoring
 
     changes: dict[str, Any] = {}
     if single_replica is not None:

@@ -30,7 +30,13 @@ from typing import Any
 
 import numpy as np
 
-from ckptcore import background, restoring, saving, storage
+from ckptcore.checkpointers import background
+
+from ckptcore.io import restore as restoring
+
+from ckptcore.io import save as saving
+
+from ckptcore import storage
 from ckptcore import progress as progress_lib
 from ckptcore.errors import AlreadyExistsError, CheckpointerClosedError, CheckpointError, InvalidOptionError
 from ckptcore.progress import ProgressArg
@@ -313,8 +319,8 @@ def _keep(value: np.ndarray) -> np.ndarray:
 
 def _estimate_nbytes(state: Any) -> int:
     """Bytes of the array leaves of ``state``, without copying anything (0 if it cannot be walked)."""
-    from ckptcore import arrays
-    from ckptcore.tree import encode_tree
+    from ckptcore.io import leaves as arrays
+    from ckptcore.tree.nodes import encode_tree
 
     total = 0
 

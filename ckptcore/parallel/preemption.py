@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from ckptcore.distributed import KEY_PREFIX, ProcessGroup, _jax_distributed, current_group
+from ckptcore.parallel.jax_coordinator import KEY_PREFIX, ProcessGroup, _jax_distributed, current_group
 
 
 class _SigtermFlag:

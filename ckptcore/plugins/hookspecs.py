@@ -19,7 +19,7 @@ from typing import Any
 
 import pluggy
 
-from ckptcore.registrations import (
+from ckptcore.plugins.registrations import (
     ArrayFormatRegistration,
     AtomicityRegistration,
     SaveContext,

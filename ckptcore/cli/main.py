@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _inspect(args.path, args.json)
         if args.command == "clean":
             from ckptcore import storage
-            from ckptcore.cleanup import clean
+            from ckptcore.storage.cleanup import clean
 
             where = storage.resolve(args.directory)
             if where.scheme == "file" and not where.fs.isdir(where.path):
@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"removed {url}")
             return 0
         if args.command == "demo":
-            from ckptcore.demo import run_demo
+            from ckptcore.cli.demo import run_demo
 
             return run_demo(directory=args.directory, size_mb=args.size_mb, bulk_mb=args.bulk_mb)
     except CheckpointError as exc:
@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _plugins(as_json: bool) -> int:
-    from ckptcore.plugins import list_plugins
+    from ckptcore.plugins.manager import list_plugins
 
     infos = list_plugins()
     if as_json:
@@ -82,8 +82,8 @@ def _plugins(as_json: bool) -> int:
 def _inspect(path: str, as_json: bool) -> int:
     import numpy as np
 
-    from ckptcore.restoring import info
-    from ckptcore.tree import decode_scalar
+    from ckptcore.io.restore import info
+    from ckptcore.tree.nodes import decode_scalar
 
     try:
         ck = info(path)
@@ -140,8 +140,8 @@ def _inspect(path: str, as_json: bool) -> int:
 
 def _structure_rows(node: dict[str, Any], path: tuple[str | int, ...] = ()) -> list[tuple[str, str]]:
     """(key path, kind) of every leaf, None and empty container, in tree order."""
-    from ckptcore.keys import format_key_path
-    from ckptcore.tree import children
+    from ckptcore.tree.keys import format_key_path
+    from ckptcore.tree.nodes import children
 
     kind = node["type"]
     if kind == "leaf":

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ckptcore.manager_options import CheckpointManagerOptions
+from ckptcore.manager.options import CheckpointManagerOptions
 
 
 @dataclass(frozen=True)

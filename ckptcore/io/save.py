@@ -19,7 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from ckptcore import arrays, distributed, gcpause, index, storage
+from ckptcore.io import leaves as arrays
+
+from ckptcore.parallel import jax_coordinator as distributed
+
+from ckptcore.io import gcpause
+
+from ckptcore.io import index
+
+from ckptcore import storage
 from ckptcore.errors import (
     AlreadyExistsError,
     CheckpointError,
@@ -27,10 +35,10 @@ from ckptcore.errors import (
     StorageError,
     UnsupportedLeafError,
 )
-from ckptcore.keys import KeyPath, format_key_path
-from ckptcore.plugins import registry
-from ckptcore.registrations import AtomicCommit, Location, ProgressCallback, SaveContext
-from ckptcore.tree import Node, encode_scalar, encode_tree
+from ckptcore.tree.keys import KeyPath, format_key_path
+from ckptcore.plugins.manager import registry
+from ckptcore.plugins.registrations import AtomicCommit, Location, ProgressCallback, SaveContext
+from ckptcore.tree.nodes import Node, encode_scalar, encode_tree
 
 
 @dataclass
@@ -79,7 +87,7 @@ def prepare(
         return record
 
     if "jax" in sys.modules:  # no jax imported: no jax leaves, and the NumPy path never imports it
-        from ckptcore import jax_arrays
+        from ckptcore.io import jax_leaves as jax_arrays
 
         jax_arrays.start_host_copies(state)  # all device-to-host copies in flight before any is awaited
     collective = distributed.plan_collective()  # None unless several jax.distributed processes save

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ckptcore.errors import CorruptCheckpointError, UnsupportedLeafError
-from ckptcore.keys import KeyPath, format_key_path
+from ckptcore.tree.keys import KeyPath, format_key_path
 
 Node = dict[str, Any]
 ARRAY_KINDS = ("ndarray", "jax_array", "jax_prng_key")
@@ -134,7 +134,7 @@ def encode_scalar(path: KeyPath, value: Any) -> Node | None:
     if isinstance(value, (bytes, bytearray)):
         return {"kind": "bytes", "value": base64.b64encode(bytes(value)).decode()}
     if isinstance(value, np.generic):
-        from ckptcore.dtypes import dtype_name, is_supported_array_dtype
+        from ckptcore.tree.dtypes import dtype_name, is_supported_array_dtype
 
         if not is_supported_array_dtype(value.dtype):
             raise UnsupportedLeafError(
@@ -142,7 +142,7 @@ def encode_scalar(path: KeyPath, value: Any) -> Node | None:
             )
         data = np.asarray(value).astype(value.dtype.newbyteorder("<"), copy=False).tobytes()
         return {"kind": "numpy_scalar", "dtype": dtype_name(value.dtype), "value": base64.b64encode(data).decode()}
-    from ckptcore.numpy_random import encode_generator
+    from ckptcore.tree.numpy_random import encode_generator
 
     return encode_generator(path, value)
 
@@ -152,7 +152,7 @@ def decode_scalar(path: KeyPath, record: Node) -> Any:
     kind = record.get("kind")
     value: Any = record.get("value")
     if kind == "numpy_generator":
-        from ckptcore.numpy_random import decode_generator
+        from ckptcore.tree.numpy_random import decode_generator
 
         return decode_generator(path, record)
     try:
@@ -168,7 +168,7 @@ def decode_scalar(path: KeyPath, record: Node) -> Any:
         if kind == "bytes":
             return base64.b64decode(value, validate=True)
         if kind == "numpy_scalar":
-            from ckptcore.dtypes import dtype_from_name
+            from ckptcore.tree.dtypes import dtype_from_name
 
             dtype = dtype_from_name(record["dtype"])
             return np.frombuffer(base64.b64decode(value, validate=True), dtype=dtype.newbyteorder("<"))[0].astype(dtype)

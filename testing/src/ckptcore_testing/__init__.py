@@ -3,8 +3,8 @@
 Standard library only (no pytest, boto3 or cloud clients), so benchmarks and other
 projects' tests can use them too:
 
-* :mod:`ckptcore.testing.servers`: start ``moto_server`` (S3) and ``fake-gcs-server`` (GCS)
+* :mod:`ckptcore_testing.servers`: start ``moto_server`` (S3) and ``fake-gcs-server`` (GCS)
   on free loopback ports and wait until they answer.
-* :mod:`ckptcore.testing.faultproxy`: an HTTP proxy that counts requests and injects
+* :mod:`ckptcore_testing.faultproxy`: an HTTP proxy that counts requests and injects
   failures (503s, dropped connections, uploads cut mid-body).
 """

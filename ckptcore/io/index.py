@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from ckptcore.errors import CheckpointNotFoundError, CorruptCheckpointError, IncompatibleVersionError, StorageError
-from ckptcore.registrations import Location
+from ckptcore.plugins.registrations import Location
 
 INDEX_FILE = "ckptcore_index.json"
 FORMAT = "ckptcore-checkpoint"
@@ -48,7 +48,7 @@ def parse_index(raw: bytes, url: str) -> dict[str, Any]:
             f"{url} was written in index format version {version}, newer than this ckptcore reads "
             f"({FORMAT_VERSION}); upgrade: pip install -U ckptcore"
         )
-    from ckptcore.tree import validate_tree  # imports NumPy: only once an index is read
+    from ckptcore.tree.nodes import validate_tree  # imports NumPy: only once an index is read
 
     validate_tree(index["tree"])
     return index

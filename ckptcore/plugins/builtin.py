@@ -7,8 +7,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from ckptcore.hookspecs import hookimpl
-from ckptcore.registrations import SaveContext, StepLayoutRegistration
+from ckptcore.plugins.hookspecs import hookimpl
+from ckptcore.plugins.registrations import SaveContext, StepLayoutRegistration
 
 
 class PrefixedStepLayout:

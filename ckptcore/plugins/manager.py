@@ -24,16 +24,16 @@ from typing import Any, TypeVar
 
 import pluggy
 
-from ckptcore import hookspecs
+from ckptcore.plugins import hookspecs
 from ckptcore.errors import MissingPluginError, PluginConflictError, PluginError
-from ckptcore.registrations import (
+from ckptcore.plugins.registrations import (
     ArrayFormatRegistration,
     AtomicityRegistration,
     StepLayoutRegistration,
     StorageRegistration,
 )
 
-log = logging.getLogger("ckptcore.plugins")
+log = logging.getLogger("ckptcore.plugins.manager")
 
 ENTRY_POINT_GROUP = "ckptcore"
 
@@ -79,11 +79,11 @@ class PluginRegistry:
             self._loaded = True
 
     def _register_builtins(self) -> None:
-        from ckptcore import builtin
+        from ckptcore.plugins import builtin
 
-        self._pm.register(builtin, name="ckptcore.builtin")
-        self._infos["ckptcore.builtin"] = PluginInfo(
-            "ckptcore.builtin", "ckptcore", _dist_version("ckptcore"), _hooks_of(builtin), "builtin"
+        self._pm.register(builtin, name="ckptcore.plugins.builtin")
+        self._infos["ckptcore.plugins.builtin"] = PluginInfo(
+            "ckptcore.plugins.builtin", "ckptcore", _dist_version("ckptcore"), _hooks_of(builtin), "builtin"
         )
 
     def _load_entry_points(self) -> None:

@@ -26,9 +26,9 @@ import uuid
 from typing import Any
 
 from ckptcore.errors import ConcurrentWriterError, StorageError
-from ckptcore.registrations import Location
+from ckptcore.plugins.registrations import Location
 
-log = logging.getLogger("ckptcore.locks")
+log = logging.getLogger("ckptcore.storage.locks")
 
 WRITER_FILE = ".ckptcore-writer.json"
 READERS_DIR = ".ckptcore-readers"

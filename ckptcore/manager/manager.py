@@ -30,9 +30,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from ckptcore import distributed, index, locks, preemption, restoring, saving, storage
-from ckptcore.background import BackgroundWriter
-from ckptcore.composite import DEFAULT_ITEM, Composite, Json
+from ckptcore.parallel import jax_coordinator as distributed
+
+from ckptcore.io import index
+
+from ckptcore.storage import locks
+
+from ckptcore.parallel import preemption
+
+from ckptcore.io import restore as restoring
+
+from ckptcore.io import save as saving
+
+from ckptcore import storage
+from ckptcore.checkpointers.background import BackgroundWriter
+from ckptcore.manager.composite import DEFAULT_ITEM, Composite, Json
 from ckptcore.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -48,12 +60,12 @@ from ckptcore.errors import (
     StorageError,
     TargetMismatchError,
 )
-from ckptcore.manager_options import CheckpointManagerOptions
-from ckptcore.plugins import registry
-from ckptcore.registrations import AtomicCommit, Location
-from ckptcore.retention import StepRecord, steps_to_delete
+from ckptcore.manager.options import CheckpointManagerOptions
+from ckptcore.plugins.manager import registry
+from ckptcore.plugins.registrations import AtomicCommit, Location
+from ckptcore.manager.retention import StepRecord, steps_to_delete
 
-log = logging.getLogger("ckptcore.manager")
+log = logging.getLogger("ckptcore.manager.manager")
 
 ROOT_FILE = "ckptcore_manager.json"
 STEP_FILE = "ckptcore_step.json"
@@ -249,7 +261,7 @@ class CheckpointManager:
                             self._root.url)
             self._root_doc = root_doc or {}
             if opts.cleanup_tmp_directories and setup:
-                from ckptcore.cleanup import clean
+                from ckptcore.storage.cleanup import clean
 
                 for url in clean(self._root.url, storage_options=self._root.options):
                     log.info("removed leftover of an interrupted save: %s", url)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from ckptcore.errors import AlreadyExistsError, CheckpointError, StorageError
-from ckptcore.registrations import Location
+from ckptcore.plugins.registrations import Location
 
 COMMIT_MARKER = "ckptcore_commit.json"
 """Written last: its presence is what makes a directory a committed checkpoint."""

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from ckptcore.dtypes import dtype_from_name, dtype_name, is_supported_array_dtype
+from ckptcore.tree.dtypes import dtype_from_name, dtype_name, is_supported_array_dtype
 from ckptcore.errors import ChecksumMismatchError, CorruptCheckpointError, TargetMismatchError, UnsupportedLeafError
-from ckptcore.keys import KeyPath, format_key_path, storage_key
-from ckptcore.registrations import Index, ReadRequest, Shard, WriteRequest
+from ckptcore.tree.keys import KeyPath, format_key_path, storage_key
+from ckptcore.plugins.registrations import Index, ReadRequest, Shard, WriteRequest
 
 Finisher = Callable[[list[np.ndarray]], Any]
 
@@ -81,7 +81,7 @@ class PlannedWrite:
 def plan_write(path: KeyPath, value: Any, *, copy: bool) -> PlannedWrite | None:
     """The write of an array leaf, or ``None`` if ``value`` is not an array."""
     if is_jax_value(value):
-        from ckptcore import jax_arrays
+        from ckptcore.io import jax_leaves as jax_arrays
 
         return jax_arrays.plan_write(path, value, copy=copy)
     if not isinstance(value, np.ndarray):
@@ -115,7 +115,7 @@ def plan_read(path: KeyPath, record: dict[str, Any], target: Any) -> tuple[ReadR
     saved_shape = tuple(record["shape"])
     saved_dtype = dtype_from_name(record["dtype"])
     if is_jax_value(target) or (target is None and record["kind"].startswith("jax") and jax_available()):
-        from ckptcore import jax_arrays
+        from ckptcore.io import jax_leaves as jax_arrays
 
         return jax_arrays.plan_read(path, record, target, saved_shape, saved_dtype)
     dtype = saved_dtype

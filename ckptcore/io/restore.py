@@ -12,8 +12,20 @@ from typing import Any
 
 import numpy as np
 
-from ckptcore import arrays, distributed, gcpause, index, memory, replicas, storage
-from ckptcore.dtypes import dtype_from_name
+from ckptcore.io import leaves as arrays
+
+from ckptcore.parallel import jax_coordinator as distributed
+
+from ckptcore.io import gcpause
+
+from ckptcore.io import index
+
+from ckptcore.io import memory
+
+from ckptcore.parallel import replicas
+
+from ckptcore import storage
+from ckptcore.tree.dtypes import dtype_from_name
 from ckptcore.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -25,10 +37,10 @@ from ckptcore.errors import (
     StorageError,
     TargetMismatchError,
 )
-from ckptcore.keys import KeyPath, format_key_path, is_safe_storage_key
-from ckptcore.plugins import registry
-from ckptcore.registrations import Location, ProgressCallback, ReadRequest
-from ckptcore.tree import ARRAY_KINDS, Node, build_container, children, decode_scalar, is_namedtuple, iter_leaves
+from ckptcore.tree.keys import KeyPath, format_key_path, is_safe_storage_key
+from ckptcore.plugins.manager import registry
+from ckptcore.plugins.registrations import Location, ProgressCallback, ReadRequest
+from ckptcore.tree.nodes import ARRAY_KINDS, Node, build_container, children, decode_scalar, is_namedtuple, iter_leaves
 
 # Small enough that a restore onto devices (whose host copies are transient) peaks near its
 # result's size, large enough to keep the format's reads parallel.

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ckptcore.errors import CorruptCheckpointError, UnsupportedLeafError
-from ckptcore.keys import KeyPath, format_key_path
+from ckptcore.tree.keys import KeyPath, format_key_path
 
 KIND = "numpy_generator"
 BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")

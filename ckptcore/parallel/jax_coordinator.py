@@ -54,8 +54,8 @@ from ckptcore.errors import (
 if TYPE_CHECKING:
     import numpy as np
 
-    from ckptcore.registrations import ArrayFormat, Location, ProgressCallback, ReadRequest
-    from ckptcore.saving import PreparedSave
+    from ckptcore.plugins.registrations import ArrayFormat, Location, ProgressCallback, ReadRequest
+    from ckptcore.io.save import PreparedSave
 
 KEY_PREFIX = "ckptcore"
 DEFAULT_TIMEOUT_S = 300.0
@@ -494,7 +494,8 @@ def write(
     before_commit: Callable[[], None] | None = None,
 ) -> Location:
     """The collective version of :func:`ckptcore.saving.write`; every process calls it."""
-    from ckptcore import saving, storage
+    from ckptcore.io import save as saving
+    from ckptcore import storage
 
     location = storage.resolve(path, storage_options)
     strategy = CollectiveCommit(storage.atomicity(location), collective, check_exists=not force)
@@ -553,8 +554,8 @@ def write_contents(
     is found from ``staging``). Returns the index on the primary, and on the others an
     index without its tree (its formats and size).
     """
-    from ckptcore import saving
-    from ckptcore.plugins import registry
+    from ckptcore.io import save as saving
+    from ckptcore.plugins.manager import registry
 
     collective = _collective_of(staging, prepared.collective)
     scope, group = collective.scope, collective.group
@@ -626,7 +627,7 @@ def _assign(plans: list[dict[str, Any]], group: ProcessGroup, url: str) -> dict[
 def _write_mine(
     mine: list[tuple[int, Any]], fmt: Any, location: Location, group: ProcessGroup, options: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    from ckptcore import arrays
+    from ckptcore.io import leaves as arrays
 
     requests = [w.request for _, w in mine]
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptcore-checksum") as pool:

@@ -1,0 +1,1 @@
+"""Checkpointers: save, restore and metadata in one object, synchronously or in the background."""

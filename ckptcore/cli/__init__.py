@@ -1,0 +1,5 @@
+"""The ``ckptcore`` command."""
+
+from ckptcore.cli.main import main
+
+__all__ = ["main"]

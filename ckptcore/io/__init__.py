@@ -1,0 +1,1 @@
+"""Reading and writing one checkpoint: leaf plans, checksums, the index, the save and restore walks."""

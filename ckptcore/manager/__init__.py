@@ -1,0 +1,1 @@
+"""The steps of a training run: CheckpointManager, its options, retention, evaluators."""

@@ -1,0 +1,1 @@
+"""Many processes working on one checkpoint: the coordinators, single-replica restore, preemption."""
