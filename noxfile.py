@@ -48,3 +48,46 @@ def tests_all(session: nox.Session) -> None:
     """Everything together: what `.ci/run` runs."""
     session.install("-e", ".[all,test]")
     session.run("pytest", *session.posargs)
+
+
+def _distributions() -> list[str]:
+    """Every distribution this repository publishes: the core, each plugin, ckptcore-testing."""
+    import glob
+    import os
+
+    dirs = ["."] + sorted(os.path.dirname(p) for p in glob.glob("plugins/*/pyproject.toml"))
+    return dirs + (["testing"] if os.path.exists("testing/pyproject.toml") else [])
+
+
+def _check_wheels(session: nox.Session, wheels: list[str]) -> None:
+    """No direct references, no tests, no test helpers in any wheel (issue 12)."""
+    import re
+    import zipfile
+
+    problems = []
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as z:
+            names = z.namelist()
+            meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+        direct = [ln for ln in meta.splitlines() if ln.startswith("Requires-Dist:") and (" @ " in ln or "file:" in ln)]
+        tests = [n for n in names if re.search(r"(^|/)(tests?|conftest\.py)(/|$)", n)]
+        helpers = [n for n in names if n.startswith("ckptcore/testing/")]
+        problems += [f"{wheel}: {what}" for what in (*direct, *tests, *helpers)]
+    if problems:
+        session.error("wheels must hold no direct references, tests or test helpers:\n  " + "\n  ".join(problems))
+    session.log(f"{len(wheels)} wheels: no direct references, no tests, no test helpers")
+
+
+@nox.session(python=PYTHON)
+def build(session: nox.Session) -> None:
+    """Sdists and wheels of every distribution into dist/ (each wheel built from its sdist), then twine check."""
+    import glob
+    import shutil
+
+    session.install("build>=1.2", "twine>=5", "hatchling>=1.24")
+    shutil.rmtree("dist", ignore_errors=True)
+    for path in _distributions():
+        # --no-isolation: hatchling is installed above, so no per-build environment is needed.
+        session.run("python", "-m", "build", "--no-isolation", "--outdir", "dist", path)
+    _check_wheels(session, sorted(glob.glob("dist/*.whl")))
+    session.run("twine", "check", "--strict", *sorted(glob.glob("dist/*")))
