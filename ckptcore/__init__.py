@@ -16,12 +16,12 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it (imported on first access)
 _LAZY = {
-    "save": "ckptcore.io.save",
-    "restore": "ckptcore.io.restore",
-    "metadata": "ckptcore.io.restore",
-    "info": "ckptcore.io.restore",
-    "ArrayMetadata": "ckptcore.io.restore",
-    "CheckpointInfo": "ckptcore.io.restore",
+    "save": "ckptcore.api",
+    "restore": "ckptcore.api",
+    "metadata": "ckptcore.api",
+    "info": "ckptcore.api",
+    "ArrayMetadata": "ckptcore.api",
+    "CheckpointInfo": "ckptcore.api",
     "hookimpl": "ckptcore.plugins.hookspecs",
     "register_plugin": "ckptcore.plugins.manager",
     "unregister_plugin": "ckptcore.plugins.manager",
@@ -56,14 +56,14 @@ _SUBMODULES = ("progress",)
 __all__ = ["CheckpointError", "errors", "__version__", *_LAZY, *_SUBMODULES]
 
 if TYPE_CHECKING:
+    from ckptcore.api import ArrayMetadata, CheckpointInfo, info, metadata, restore, save
     from ckptcore.checkpointers.checkpointer import AsyncCheckpointer, Checkpointer
-    from ckptcore.storage.cleanup import clean
     from ckptcore.manager.composite import Composite, Json
-    from ckptcore.parallel.jax_coordinator import MultiprocessOptions, multiprocess_options, set_multiprocess_options
     from ckptcore.manager.evaluation import checkpoints_iterator, wait_for_new_checkpoint
-    from ckptcore.plugins.hookspecs import hookimpl
     from ckptcore.manager.manager import CheckpointManager
     from ckptcore.manager.options import CheckpointManagerOptions
+    from ckptcore.parallel.jax_coordinator import MultiprocessOptions, multiprocess_options, set_multiprocess_options
+    from ckptcore.plugins.hookspecs import hookimpl
     from ckptcore.plugins.manager import PluginInfo, list_plugins, register_plugin, unregister_plugin
     from ckptcore.plugins.registrations import (
         ArrayFormatRegistration,
@@ -76,8 +76,7 @@ if TYPE_CHECKING:
         StorageRegistration,
         WriteRequest,
     )
-    from ckptcore.io.restore import ArrayMetadata, CheckpointInfo, info, metadata, restore
-    from ckptcore.io.save import save
+    from ckptcore.storage.cleanup import clean
 
 
 def __getattr__(name: str) -> Any:

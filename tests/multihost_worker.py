@@ -64,7 +64,6 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 import ckptcore  # noqa: E402
 from ckptcore.parallel import jax_coordinator as distributed
 from ckptcore.parallel import preemption
-from ckptcore.parallel import replicas  # noqa: E402
 from ckptcore.plugins.hookspecs import hookimpl  # noqa: E402
 from ckptcore.plugins.registrations import ArrayFormatRegistration  # noqa: E402
 
@@ -244,7 +243,8 @@ def scenario_single_replica() -> None:
     check_state(ckptcore.restore(path, make_target(mesh)), mesh)
     RESULT["bytes_read_plain"] = COUNTING.bytes_read
     COUNTING.bytes_read = 0
-    restored = replicas.restore(path, make_target(mesh), single_replica=True)
+    with ckptcore.multiprocess_options(single_replica_restore=True):
+        restored = ckptcore.restore(path, make_target(mesh))
     RESULT["bytes_read_single"] = COUNTING.bytes_read
     RESULT["checked_single"] = check_state(restored, mesh)
 

@@ -30,15 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from ckptcore.checkpointers import background
-
-from ckptcore.io import restore as restoring
-
-from ckptcore.io import save as saving
-
-from ckptcore import storage
+from ckptcore import api, storage
 from ckptcore import progress as progress_lib
+from ckptcore.checkpointers import background
 from ckptcore.errors import AlreadyExistsError, CheckpointerClosedError, CheckpointError, InvalidOptionError
+from ckptcore.io import save as saving
 from ckptcore.progress import ProgressArg
 
 logger = logging.getLogger(__name__)
@@ -81,7 +77,7 @@ class _CheckpointerBase:
         self._check_open()
         self._wait_for_saves_to(storage.resolve(path, storage_options).url)
         with progress_lib.resolve(self._progress if progress is None else progress, f"restoring {path}") as callback:
-            return restoring.restore(
+            return api.restore(
                 path, target, partial=partial, storage_options=storage_options,
                 max_bytes_in_flight=max_bytes_in_flight, progress=callback,
             )
@@ -90,7 +86,7 @@ class _CheckpointerBase:
         """The saved tree with :class:`ckptcore.ArrayMetadata` for arrays; no array data is read."""
         self._check_open()
         self._wait_for_saves_to(storage.resolve(path, storage_options).url)
-        return restoring.metadata(path, storage_options=storage_options)
+        return api.metadata(path, storage_options=storage_options)
 
     def wait_until_finished(self, timeout: float | None = None) -> None:
         """Block until every save has committed; raise the error of one that failed."""

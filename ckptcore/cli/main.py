@@ -82,7 +82,7 @@ def _plugins(as_json: bool) -> int:
 def _inspect(path: str, as_json: bool) -> int:
     import numpy as np
 
-    from ckptcore.io.restore import info
+    from ckptcore.api import info
     from ckptcore.tree.nodes import decode_scalar
 
     try:

@@ -49,11 +49,11 @@ from typing import Any
 
 import numpy as np
 
-from ckptcore.io import leaves as arrays
-from ckptcore.tree.dtypes import dtype_name, is_supported_array_dtype
 from ckptcore.errors import ChecksumMismatchError, CorruptCheckpointError, TargetMismatchError, UnsupportedLeafError
-from ckptcore.tree.keys import KeyPath, format_key_path, storage_key
+from ckptcore.io import leaves as arrays
 from ckptcore.plugins.registrations import Index, ReadRequest, Shard, WriteRequest
+from ckptcore.tree.dtypes import dtype_name, is_supported_array_dtype
+from ckptcore.tree.keys import KeyPath, format_key_path, storage_key
 
 SMALL_GATHER_BYTES = 64 << 10
 """Fully addressable arrays up to this size are written and read whole (one region, no per-shard I/O)."""

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from ckptcore.tree.dtypes import dtype_from_name, dtype_name, is_supported_array_dtype
 from ckptcore.errors import ChecksumMismatchError, CorruptCheckpointError, TargetMismatchError, UnsupportedLeafError
-from ckptcore.tree.keys import KeyPath, format_key_path, storage_key
 from ckptcore.plugins.registrations import Index, ReadRequest, Shard, WriteRequest
+from ckptcore.tree.dtypes import dtype_from_name, dtype_name, is_supported_array_dtype
+from ckptcore.tree.keys import KeyPath, format_key_path, storage_key
 
 Finisher = Callable[[list[np.ndarray]], Any]
 

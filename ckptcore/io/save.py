@@ -19,14 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from ckptcore.io import leaves as arrays
-
-from ckptcore.parallel import jax_coordinator as distributed
-
-from ckptcore.io import gcpause
-
-from ckptcore.io import index
-
 from ckptcore import storage
 from ckptcore.errors import (
     AlreadyExistsError,
@@ -35,9 +27,12 @@ from ckptcore.errors import (
     StorageError,
     UnsupportedLeafError,
 )
-from ckptcore.tree.keys import KeyPath, format_key_path
+from ckptcore.io import gcpause, index
+from ckptcore.io import leaves as arrays
+from ckptcore.parallel import jax_coordinator as distributed
 from ckptcore.plugins.manager import registry
 from ckptcore.plugins.registrations import AtomicCommit, Location, ProgressCallback, SaveContext
+from ckptcore.tree.keys import KeyPath, format_key_path
 from ckptcore.tree.nodes import Node, encode_scalar, encode_tree
 
 
@@ -314,36 +309,3 @@ def _version() -> str:
     from ckptcore import __version__
 
     return __version__
-
-
-def save(
-    path: str | os.PathLike[str],
-    state: Any,
-    *,
-    force: bool = False,
-    format: str | None = None,
-    format_options: Mapping[str, Any] | None = None,
-    metadata: Mapping[str, Any] | None = None,
-    storage_options: Mapping[str, Any] | None = None,
-    progress: ProgressCallback | bool | None = None,
-) -> None:
-    """Save the pytree ``state`` to ``path`` atomically.
-
-    :param path: a local path, ``file://``, or a URL of an installed storage plugin.
-    :param force: replace an existing checkpoint (the old one stays until the new one commits).
-    :param format: the array format (default: the plugins' default, ``ocdbt``).
-    :param format_options: options of the array format (e.g. ``{"chunk_bytes": ...}``).
-    :param metadata: JSON-able data stored in the index, returned by :func:`ckptcore.info`.
-    :param storage_options: per-call options for the storage plugin (endpoint, credentials...).
-    :param progress: ``True`` for a progress bar, or a callable(bytes written, bytes total).
-    :raises AlreadyExistsError: a checkpoint exists at ``path`` and ``force`` is false.
-    :raises UnsupportedLeafError: a leaf cannot be saved (raised before anything is written).
-    """
-    from ckptcore import progress as progress_lib
-
-    with gcpause.paused(), progress_lib.resolve(progress, f"saving {path}") as callback:
-        # gcpause: a blocking call whose many short-lived objects need no collection
-        write(
-            prepare(state, copy=False), path, force=force, format=format, format_options=format_options,
-            metadata=metadata, storage_options=storage_options, progress=callback,
-        )

@@ -14,12 +14,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from ckptcore.storage import locks
-
 from ckptcore import storage
 from ckptcore.errors import CheckpointError
 from ckptcore.manager.manager import committed_steps, read_root_file
 from ckptcore.plugins.registrations import AtomicCommit, Location
+from ckptcore.storage import locks
 
 log = logging.getLogger("ckptcore.manager.evaluation")
 

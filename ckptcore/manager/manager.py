@@ -30,21 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from ckptcore.parallel import jax_coordinator as distributed
-
-from ckptcore.io import index
-
-from ckptcore.storage import locks
-
-from ckptcore.parallel import preemption
-
-from ckptcore.io import restore as restoring
-
-from ckptcore.io import save as saving
-
 from ckptcore import storage
 from ckptcore.checkpointers.background import BackgroundWriter
-from ckptcore.manager.composite import DEFAULT_ITEM, Composite, Json
 from ckptcore.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -60,10 +47,18 @@ from ckptcore.errors import (
     StorageError,
     TargetMismatchError,
 )
+from ckptcore.io import index
+from ckptcore.io import save as saving
+from ckptcore.io.metadata import metadata_tree
+from ckptcore.io.restore import restore_location
+from ckptcore.manager.composite import DEFAULT_ITEM, Composite, Json
 from ckptcore.manager.options import CheckpointManagerOptions
+from ckptcore.manager.retention import StepRecord, steps_to_delete
+from ckptcore.parallel import jax_coordinator as distributed
+from ckptcore.parallel import preemption
 from ckptcore.plugins.manager import registry
 from ckptcore.plugins.registrations import AtomicCommit, Location
-from ckptcore.manager.retention import StepRecord, steps_to_delete
+from ckptcore.storage import locks
 
 log = logging.getLogger("ckptcore.manager.manager")
 
@@ -469,7 +464,7 @@ class CheckpointManager:
             if item.get("kind") == "json":
                 out[name] = self._read_json_item(step, location, name)
             else:
-                out[name] = restoring.metadata_tree(self._read_item_index(step, location, name))
+                out[name] = metadata_tree(self._read_item_index(step, location, name))
         return Composite(out) if meta.composite else out[DEFAULT_ITEM]
 
     def metadata(self) -> dict[str, Any]:
@@ -814,7 +809,7 @@ class CheckpointManager:
                 continue
             item_location = location.child(name)
             doc = self._read_item_index(step, location, name)
-            out[name] = restoring.restore_location(item_location, doc, item_target, partial=partial)
+            out[name] = restore_location(item_location, doc, item_target, partial=partial)
         return Composite(out) if meta.composite or isinstance(target, Composite) else out[DEFAULT_ITEM]
 
     def _read_item_index(self, step: int, location: Location, name: str) -> dict[str, Any]:

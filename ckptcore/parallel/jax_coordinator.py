@@ -54,8 +54,8 @@ from ckptcore.errors import (
 if TYPE_CHECKING:
     import numpy as np
 
-    from ckptcore.plugins.registrations import ArrayFormat, Location, ProgressCallback, ReadRequest
     from ckptcore.io.save import PreparedSave
+    from ckptcore.plugins.registrations import ArrayFormat, Location, ProgressCallback, ReadRequest
 
 KEY_PREFIX = "ckptcore"
 DEFAULT_TIMEOUT_S = 300.0
@@ -494,8 +494,8 @@ def write(
     before_commit: Callable[[], None] | None = None,
 ) -> Location:
     """The collective version of :func:`ckptcore.saving.write`; every process calls it."""
-    from ckptcore.io import save as saving
     from ckptcore import storage
+    from ckptcore.io import save as saving
 
     location = storage.resolve(path, storage_options)
     strategy = CollectiveCommit(storage.atomicity(location), collective, check_exists=not force)

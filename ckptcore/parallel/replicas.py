@@ -7,33 +7,12 @@ bottleneck. Switched on by ``MultiprocessOptions.single_replica_restore``.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ckptcore.parallel.jax_coordinator import current_options, multiprocess_options
-
-
-def restore(
-    path: str | os.PathLike[str],
-    target: Any,
-    *,
-    single_replica: bool | None = None,
-    replica_axis: str | None = None,
-    **kwargs: Any,
-) -> Any:
-    """:func:`ckptcore.restore` with the single-replica options given per call."""
-    from ckptcore.io import restore as restoring
-
-    changes: dict[str, Any] = {}
-    if single_replica is not None:
-        changes["single_replica_restore"] = single_replica
-    if replica_axis is not None:
-        changes["replica_axis"] = replica_axis
-    with multiprocess_options(**changes):
-        return restoring.restore(path, target, **kwargs)
+from ckptcore.parallel.jax_coordinator import current_options
 
 
 def single_replica_targets(target: Any) -> tuple[Any, Callable[[Any], Any]]:

@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 
 import pluggy
 
-from ckptcore.plugins import hookspecs
 from ckptcore.errors import MissingPluginError, PluginConflictError, PluginError
+from ckptcore.plugins import hookspecs
 from ckptcore.plugins.registrations import (
     ArrayFormatRegistration,
     AtomicityRegistration,

@@ -1,0 +1,104 @@
+"""The public functions on one checkpoint: save, restore, metadata, info.
+
+Each resolves its arguments (paths, progress bars) and runs the one walk in
+:mod:`ckptcore.io` that serves a single process and a ``jax.distributed`` job alike.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from ckptcore import progress as progress_lib
+from ckptcore.io import gcpause
+from ckptcore.io.metadata import ArrayMetadata, CheckpointInfo, metadata_tree
+from ckptcore.io.restore import open_committed, restore_location
+from ckptcore.io.save import prepare, write
+from ckptcore.plugins.registrations import ProgressCallback
+from ckptcore.tree.keys import format_key_path
+from ckptcore.tree.nodes import iter_leaves
+
+__all__ = ["ArrayMetadata", "CheckpointInfo", "info", "metadata", "restore", "save"]
+
+
+def save(
+    path: str | os.PathLike[str],
+    state: Any,
+    *,
+    force: bool = False,
+    format: str | None = None,
+    format_options: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    progress: ProgressCallback | bool | None = None,
+) -> None:
+    """Save the pytree ``state`` to ``path`` atomically.
+
+    :param path: a local path, ``file://``, or a URL of an installed storage plugin.
+    :param force: replace an existing checkpoint (the old one stays until the new one commits).
+    :param format: the array format (default: the plugins' default, ``ocdbt``).
+    :param format_options: options of the array format (e.g. ``{"chunk_bytes": ...}``).
+    :param metadata: JSON-able data stored in the index, returned by :func:`ckptcore.info`.
+    :param storage_options: per-call options for the storage plugin (endpoint, credentials...).
+    :param progress: ``True`` for a progress bar, or a callable(bytes written, bytes total).
+    :raises AlreadyExistsError: a checkpoint exists at ``path`` and ``force`` is false.
+    :raises UnsupportedLeafError: a leaf cannot be saved (raised before anything is written).
+    """
+    with gcpause.paused(), progress_lib.resolve(progress, f"saving {path}") as callback:
+        # gcpause: a blocking call whose many short-lived objects need no collection
+        write(
+            prepare(state, copy=False), path, force=force, format=format, format_options=format_options,
+            metadata=metadata, storage_options=storage_options, progress=callback,
+        )
+
+
+def metadata(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None) -> Any:
+    """The saved tree with array leaves replaced by :class:`ArrayMetadata`; no array data is read.
+
+    Scalars and strings, which are stored in the index itself, are returned as values.
+    """
+    _, doc = open_committed(path, storage_options)
+    return metadata_tree(doc)
+
+
+def info(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None) -> CheckpointInfo:
+    """Everything the index of the checkpoint at ``path`` says; no array data is read."""
+    location, doc = open_committed(path, storage_options)
+    return CheckpointInfo(
+        url=location.url, tree=metadata_tree(doc), created=doc.get("created", ""),
+        total_bytes=int(doc.get("total_bytes", 0)), format_version=doc["format_version"],
+        ckptcore_version=doc.get("ckptcore_version", ""), array_formats=doc.get("array_formats", {}),
+        metadata=doc.get("metadata", {}), plugin_metadata=doc.get("plugin_metadata", {}),
+        leaves=[(format_key_path(p), r) for p, r in iter_leaves(doc["tree"])],
+        stored_tree=doc["tree"],
+    )
+
+
+def restore(
+    path: str | os.PathLike[str],
+    target: Any = None,
+    *,
+    partial: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+    max_bytes_in_flight: int | None = None,
+    progress: ProgressCallback | bool | None = None,
+) -> Any:
+    """Restore the checkpoint at ``path``.
+
+    :param target: ``None`` for the saved tree as saved; otherwise a tree whose leaves
+        say what to restore: NumPy arrays or objects with ``.shape``/``.dtype`` (shape is
+        checked, dtype is cast to), ``jax.ShapeDtypeStruct`` or ``jax.Array`` (restored
+        onto their sharding), or ``None`` to skip a leaf or subtree. Containers are
+        rebuilt with the target's types.
+    :param partial: the target may name a subset of the checkpoint; only those leaves are read.
+    :param max_bytes_in_flight: the most array bytes read at once (bounds memory beyond the result).
+    :param progress: ``True`` for a progress bar, or a callable(bytes read, bytes total).
+    :raises TargetMismatchError: listing every missing key, extra key and shape mismatch.
+    """
+    with gcpause.paused(), progress_lib.resolve(progress, f"restoring {path}") as callback:
+        # gcpause: a blocking call whose many short-lived objects need no collection
+        location, doc = open_committed(path, storage_options)
+        return restore_location(
+            location, doc, target, partial=partial, max_bytes_in_flight=max_bytes_in_flight, progress=callback
+        )

@@ -1,0 +1,136 @@
+"""Planning a restore: the stored tree walked beside the target, collecting the reads.
+
+The planner never reads array data: it checks the target against the index (every
+missing, unexpected and mismatched key at once), and returns a skeleton of the result
+whose array leaves are placeholders that the restore fills once the reads are done.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ckptcore.errors import CorruptCheckpointError, TargetMismatchError
+from ckptcore.io import leaves as arrays
+from ckptcore.plugins.registrations import ReadRequest
+from ckptcore.tree.keys import KeyPath, format_key_path, is_safe_storage_key
+from ckptcore.tree.nodes import ARRAY_KINDS, Node, build_container, children, decode_scalar, is_namedtuple
+
+
+@dataclass
+class PendingRead:
+    path: KeyPath
+    record: Node
+    request: ReadRequest
+    finish: Callable[[list[np.ndarray]], Any]
+    slot: list[Any]
+
+
+class Planner:
+    """Walks the stored tree beside the target, collecting reads and every mismatch."""
+
+    def __init__(self, partial: bool) -> None:
+        self.partial = partial
+        self.reads: list[PendingRead] = []
+        self.missing: list[str] = []
+        self.unexpected: list[str] = []
+        self.mismatched: list[str] = []
+        self.saved_paths: list[str] = []
+
+    def plan(self, node: Node, target: Any, path: KeyPath, has_target: bool) -> Any:
+        """A result skeleton: containers with placeholders (one-item lists) for array reads."""
+        kind = node["type"]
+        if has_target and target is None and kind != "none":
+            return None  # a None in the target skips this subtree
+        if kind == "none":
+            return None
+        if kind == "leaf":
+            return self._leaf(node, target if has_target else None, path)
+        if not has_target:
+            return build_container(node, [(k, self.plan(c, None, (*path, k), False)) for k, c in children(node)], path)
+        return self._container(node, target, path)
+
+    def _leaf(self, record: Node, target: Any, path: KeyPath) -> Any:
+        if record.get("kind") not in ARRAY_KINDS:
+            return decode_scalar(path, record)
+        if not is_safe_storage_key(record.get("key")):
+            raise CorruptCheckpointError(
+                f"the storage key {record.get('key')!r} of {format_key_path(path)} is invalid; the index is corrupt"
+            )
+        try:
+            request, finish = arrays.plan_read(path, record, target)
+        except TargetMismatchError as exc:
+            self.mismatched.append(str(exc))
+            return None
+        slot: list[Any] = [None]
+        self.reads.append(PendingRead(path, record, request, finish, slot))
+        return slot
+
+    def _container(self, node: Node, target: Any, path: KeyPath) -> Any:
+        saved = dict(children(node))
+        kind = node["type"]
+        if isinstance(target, Mapping):
+            if kind != "dict":
+                self.mismatched.append(f"{format_key_path(path)}: the target has a dict, the checkpoint a {kind}")
+                return None
+            out = {}
+            for key, sub in target.items():
+                if key not in saved:
+                    self.missing.append(format_key_path((*path, key)))
+                    continue
+                out[key] = self.plan(saved[key], sub, (*path, key), True)
+            if not self.partial:
+                self.unexpected += [format_key_path((*path, k)) for k in saved if k not in target]
+            return out if type(target) is dict else type(target)(out)  # type: ignore[call-arg]
+        if isinstance(target, (list, tuple)):
+            if kind not in ("list", "tuple", "namedtuple") or len(target) != len(saved):
+                self.mismatched.append(
+                    f"{format_key_path(path)}: the target has a {type(target).__name__} of {len(target)}, "
+                    f"the checkpoint a {kind} of {len(saved)}"
+                )
+                return None
+            values = [self.plan(c, t, (*path, k), True) for (k, c), t in zip(children(node), target, strict=True)]
+            if is_namedtuple(target):
+                return type(target)(*values)
+            return type(target)(values)
+        if kind != "leaf":
+            # A leaf-like target (e.g. an array) where the checkpoint holds a container.
+            self.mismatched.append(
+                f"{format_key_path(path)}: the target has a {type(target).__name__}, the checkpoint a {kind}"
+            )
+        return None
+
+    def raise_if_mismatched(self, url: str) -> None:
+        problems = []
+        if self.missing:
+            lines = []
+            for p in self.missing:
+                near = difflib.get_close_matches(p, self.saved_paths, n=3)
+                lines.append(f"  {p}" + (f" (did you mean {', '.join(near)}?)" if near else ""))
+            problems.append("keys in the target but not in the checkpoint:\n" + "\n".join(lines))
+        if self.unexpected:
+            problems.append(
+                "keys in the checkpoint but not in the target (pass partial=True to skip them):\n"
+                + "\n".join(f"  {p}" for p in self.unexpected)
+            )
+        if self.mismatched:
+            problems.append("structure or shape mismatches:\n" + "\n".join(f"  {p}" for p in self.mismatched))
+        if problems:
+            raise TargetMismatchError(f"the target does not fit the checkpoint at {url}:\n" + "\n".join(problems))
+
+
+def fill(skeleton: Any, slots: set[int]) -> Any:
+    if isinstance(skeleton, list) and id(skeleton) in slots:
+        return skeleton[0]
+    if isinstance(skeleton, dict):
+        filled = {k: fill(v, slots) for k, v in skeleton.items()}
+        return filled if type(skeleton) is dict else type(skeleton)(filled)
+    if is_namedtuple(skeleton):
+        return type(skeleton)(*(fill(v, slots) for v in skeleton))
+    if isinstance(skeleton, (list, tuple)):
+        return type(skeleton)(fill(v, slots) for v in skeleton)
+    return skeleton
