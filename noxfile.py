@@ -55,7 +55,7 @@ def _distributions() -> list[str]:
     import glob
     import os
 
-    dirs = ["."] + sorted(os.path.dirname(p) for p in glob.glob("plugins/*/pyproject.toml"))
+    dirs = [".", *sorted(os.path.dirname(p) for p in glob.glob("plugins/*/pyproject.toml"))]
     return dirs + (["testing"] if os.path.exists("testing/pyproject.toml") else [])
 
 

@@ -49,6 +49,6 @@ def core_range_excludes(dist: importlib_metadata.Distribution, core_version: str
         if req.marker is not None and not req.marker.evaluate({"extra": ""}):
             continue
         if not req.specifier.contains(running, prereleases=True):
-            name = dist.metadata.get("Name") or "?"
+            name = dist.metadata["Name"] if "Name" in dist.metadata else "?"
             return f"{name} {dist.version} requires {CORE_DISTRIBUTION}{req.specifier}; this is {CORE_DISTRIBUTION} {core_version}"
     return None
