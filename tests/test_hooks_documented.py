@@ -14,6 +14,7 @@ import pytest
 import ckptcore
 from ckptcore import hookimpl
 from ckptcore.plugins import hookspecs
+from ckptcore.plugins.address import StorageAddress
 from ckptcore.plugins.manager import registry, reset_registry
 from ckptcore.plugins.registrations import (
     ArrayFormatRegistration,
@@ -97,7 +98,7 @@ class LocalDirBackend:
         CALLS.append("storage.resolve")
         path = url.split("://", 1)[1]
         return Location(url=url, scheme="hooktest", fs=LocalFileSystem(), path=path,
-                        kvstore={"driver": "file", "path": path + "/"}, options=dict(options))
+                        address=StorageAddress(scheme="file", path=path + "/"), options=dict(options))
 
 
 class RawFormat:

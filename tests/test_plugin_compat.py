@@ -6,7 +6,7 @@ from importlib import metadata as importlib_metadata
 
 import pytest
 
-from ckptcore.plugin_compat import core_range_excludes
+from ckptcore.plugins.compat import core_range_excludes
 
 
 def _dist(tmp_path, *requires: str, name: str = "ckptcore-example", version: str = "0.2.0"):

@@ -173,13 +173,20 @@ STORAGE_PLUGIN = """
         def resolve(self, url, options):
             raise RuntimeError("not used")
 
+    class Format:
+        def write(self, location, requests, options):
+            raise RuntimeError("not used")
+
+        def read(self, location, requests, options):
+            raise RuntimeError("not used")
+
     @hookimpl
     def ckptcore_storage_backends():
         return [StorageRegistration(schemes=("dup",), backend=Backend())]
 
     @hookimpl
     def ckptcore_array_formats():
-        return [ArrayFormatRegistration(name="dupfmt", format=object())]
+        return [ArrayFormatRegistration(name="dupfmt", format=Format())]
 """
 
 
@@ -199,11 +206,19 @@ def test_conflicting_distributions_are_named(site):
     assert registry().storage("file").distribution == "ckptcore-posix"
 
 
+class UnusedFormat:
+    def write(self, location, requests, options):
+        raise AssertionError("not used")
+
+    def read(self, location, requests, options):
+        raise AssertionError("not used")
+
+
 def test_conflict_with_an_in_process_plugin(tmp_path):
     class Shadow:
         @hookimpl
         def ckptcore_array_formats(self):
-            return [ArrayFormatRegistration(name="ocdbt", format=object())]
+            return [ArrayFormatRegistration(name="ocdbt", format=UnusedFormat())]
 
     ckptcore.register_plugin(Shadow(), name="shadow")
     with pytest.raises(errors.PluginConflictError, match="ckptcore-zarr3"):

@@ -45,6 +45,7 @@ import shutil
 
 import numpy as np
 from ckptcore import hookimpl
+from ckptcore.plugins.address import StorageAddress
 from ckptcore.plugins.registrations import ArrayFormatRegistration, AtomicityRegistration, Location, StorageRegistration
 
 
@@ -83,7 +84,7 @@ class DirBackend:
         root = os.environ["NPYDIR_ROOT"]
         path = os.path.join(root, url.split("://", 1)[1].strip("/")).rstrip("/")
         return Location(url=url, scheme="dirfs", fs=LocalFileSystem(), path=path,
-                        kvstore={"driver": "file", "path": path + "/"}, options=dict(options))
+                        address=StorageAddress(scheme="file", path=path + "/"), options=dict(options))
 
 
 class MarkerCommit:

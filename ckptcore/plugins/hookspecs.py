@@ -7,9 +7,13 @@ distribution::
     [project.entry-points.ckptcore]
     myplugin = "my_package.ckptcore_plugin"
 
-Registration hooks are called once, when the core first needs them, and return
-registrations (frozen dataclasses from :mod:`ckptcore.registrations`). The core fills in
-the providing distribution, selects among them, and reports conflicts by distribution.
+Registration hooks are called once per plugin, when the core first needs them, and return
+registrations (frozen dataclasses from :mod:`ckptcore.plugins.registrations`). The core
+checks each one (its type, and its worker object against its protocol), fills in the
+providing distribution, selects among them, and reports conflicts by distribution. An
+exception raised in any hook becomes a :class:`~ckptcore.errors.PluginError` naming the
+plugin, its distribution and the hook. A ``@hookimpl`` whose name is not one of the hooks
+below (a misspelling) is reported when the plugin is loaded, and the plugin is skipped.
 """
 
 from __future__ import annotations
@@ -40,10 +44,16 @@ def ckptcore_storage_backends() -> Sequence[StorageRegistration]:
     without a scheme resolve through the ``"file"`` scheme.
 
     :return: registrations whose ``backend.resolve(url, options)`` returns a
-        :class:`~ckptcore.registrations.Location`: an fsspec filesystem (listing, small
-        files, deletes), the path it understands, and a TensorStore kvstore spec for bulk
-        array data. ``options`` are the caller's ``storage_options`` (endpoint, region,
-        credentials...).
+        :class:`~ckptcore.plugins.registrations.Location`: an fsspec filesystem (listing,
+        small files, deletes), the path it understands, and the ``address`` of the bulk
+        array data, a :class:`~ckptcore.plugins.address.StorageAddress`. The address is
+        format-neutral: the kind of store (``scheme``, e.g. ``"file"``, ``"gs"``, ``"s3"``),
+        bucket, key prefix, endpoint, region, credentials and retry bounds; each array
+        format turns it into its own library's address (the zarr3 plugin into a
+        TensorStore kvstore spec). Resolve every setting there (an endpoint from the
+        environment too): array libraries may not read the variables your client reads.
+        ``options`` are the caller's ``storage_options`` (endpoint, region,
+        credentials...); reject the ones you do not know.
 
     Two distributions registering the same scheme is a conflict, reported when the scheme
     is used.
@@ -53,6 +63,9 @@ def ckptcore_storage_backends() -> Sequence[StorageRegistration]:
         @hookimpl
         def ckptcore_storage_backends():
             return [StorageRegistration(schemes=("memory",), backend=MemoryBackend())]
+
+    where ``MemoryBackend.resolve`` returns
+    ``Location(url, "memory", fs, path, address=StorageAddress(scheme="memory", path=path + "/"))``.
     """
 
 

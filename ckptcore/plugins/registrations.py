@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+from ckptcore.plugins.address import StorageAddress
 
 if TYPE_CHECKING:
     import fsspec
@@ -27,45 +29,39 @@ Index = tuple[slice, ...]
 class Location:
     """Where a checkpoint (or a directory of checkpoints) lives, as a storage plugin resolved it.
 
-    ``url`` is what users see; ``path`` is what ``fs`` understands; ``kvstore`` is the
-    TensorStore kvstore spec of the same directory (its ``path`` ends with ``/``).
+    ``url`` is what users see; ``path`` is what ``fs`` understands (listing, small files,
+    deletes); ``address`` is the same directory described for the array formats, which
+    each turn it into their own library's address (see :class:`StorageAddress`).
     """
 
     url: str
     scheme: str
     fs: fsspec.AbstractFileSystem
     path: str
-    kvstore: Mapping[str, Any]
+    address: StorageAddress
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def child(self, name: str) -> Location:
         """The location of ``name`` inside this directory."""
         name = name.strip("/")
-        base = str(self.kvstore.get("path", ""))
-        kv = {**self.kvstore, "path": _as_dir(base) + name + "/"}
         return dataclasses.replace(
-            self, url=f"{self.url.rstrip('/')}/{name}", path=f"{self.path.rstrip('/')}/{name}", kvstore=kv
+            self, url=f"{self.url.rstrip('/')}/{name}", path=f"{self.path.rstrip('/')}/{name}",
+            address=self.address.child(name),
         )
 
     def parent(self) -> Location:
         """The location of the directory that holds this one."""
-        base = str(self.kvstore.get("path", "")).rstrip("/")
-        kv = {**self.kvstore, "path": base.rpartition("/")[0] + "/" if "/" in base else ""}
         return dataclasses.replace(
             self,
             url=self.url.rstrip("/").rpartition("/")[0] or "/",
             path=self.path.rstrip("/").rpartition("/")[0] or "/",
-            kvstore=kv,
+            address=self.address.parent(),
         )
 
     @property
     def name(self) -> str:
         """The last component of the path."""
         return self.path.rstrip("/").rpartition("/")[2]
-
-
-def _as_dir(path: str) -> str:
-    return path if not path or path.endswith("/") else path + "/"
 
 
 @dataclass(frozen=True)
@@ -113,7 +109,7 @@ class StorageBackend(Protocol):
     """Resolves URLs of its schemes to :class:`Location` objects."""
 
     def resolve(self, url: str, options: Mapping[str, Any]) -> Location:
-        """Return the location of ``url`` (a filesystem, a path and a kvstore spec)."""
+        """Return the location of ``url``: a filesystem, its path and the bulk-data address."""
         ...
 
 
@@ -176,19 +172,45 @@ class ArrayFormat(Protocol):
         ...
 
 
+def missing_methods(worker: object, protocol: type) -> list[str]:
+    """The methods of ``protocol`` that ``worker`` lacks (or has as non-callables)."""
+    wanted = [n for n, v in vars(protocol).items() if not n.startswith("_") and callable(v)]
+    return [n for n in wanted if not callable(getattr(worker, n, None))]
+
+
+def _check_names(owner: str, field_name: str, names: object) -> tuple[str, ...]:
+    if isinstance(names, str) or not isinstance(names, (tuple, list)) or not names:
+        raise TypeError(f"{owner}.{field_name} must be a non-empty tuple of names, got {names!r}")
+    if not all(isinstance(n, str) and n for n in names):
+        raise TypeError(f"{owner}.{field_name} must hold non-empty strings, got {names!r}")
+    return tuple(names)
+
+
+def _check_name(owner: str, name: object) -> None:
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{owner}.name must be a non-empty string, got {name!r}")
+
+
 @dataclass(frozen=True)
 class StorageRegistration:
     """A storage backend for the URL ``schemes`` it lists (``"file"`` for local paths)."""
+
+    WORKER: ClassVar[tuple[str, type]] = ("backend", StorageBackend)
 
     schemes: tuple[str, ...]
     backend: StorageBackend
     distribution: str = ""
     version: str = ""
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "schemes", _check_names("StorageRegistration", "schemes", self.schemes))
+
 
 @dataclass(frozen=True)
 class AtomicityRegistration:
     """How checkpoints on the URL ``schemes`` become visible all at once."""
+
+    WORKER: ClassVar[tuple[str, type]] = ("strategy", AtomicCommit)
 
     schemes: tuple[str, ...]
     strategy: AtomicCommit
@@ -196,26 +218,42 @@ class AtomicityRegistration:
     distribution: str = ""
     version: str = ""
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "schemes", _check_names("AtomicityRegistration", "schemes", self.schemes))
+        _check_name("AtomicityRegistration", self.name)
+
 
 @dataclass(frozen=True)
 class StepLayoutRegistration:
-    """A named way to name step directories (``"ckptcore"``, ``"orbax"``...)."""
+    """A named way to name step directories (the core's own is ``"prefixed"``)."""
+
+    WORKER: ClassVar[tuple[str, type]] = ("layout", StepLayout)
 
     name: str
     layout: StepLayout
     distribution: str = ""
     version: str = ""
 
+    def __post_init__(self) -> None:
+        _check_name("StepLayoutRegistration", self.name)
+
 
 @dataclass(frozen=True)
 class ArrayFormatRegistration:
     """A named array format. ``version`` is the newest on-disk version it writes and reads."""
+
+    WORKER: ClassVar[tuple[str, type]] = ("format", ArrayFormat)
 
     name: str
     format: ArrayFormat
     version: int = 1
     distribution: str = ""
     plugin_version: str = ""
+
+    def __post_init__(self) -> None:
+        _check_name("ArrayFormatRegistration", self.name)
+        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
+            raise TypeError(f"ArrayFormatRegistration.version must be an integer >= 1, got {self.version!r}")
 
 
 @dataclass(frozen=True)
@@ -229,5 +267,3 @@ class SaveContext:
 
 ProgressCallback = Callable[[int, int], None]
 """Called with (bytes done, bytes total) as a long save or restore progresses."""
-
-Registration = StorageRegistration | AtomicityRegistration | StepLayoutRegistration | ArrayFormatRegistration

@@ -4,8 +4,9 @@
   written in place; a small commit marker is written last, once every data object has
   been uploaded (an object store makes an object durable when its upload completes). A
   directory without the marker is not a checkpoint.
-* :class:`RetryPolicy`: the ``storage_options`` that bound retries, so a store that keeps
-  failing fails a save within a known time instead of retrying for minutes.
+* :class:`RetryPolicy` (defined with the storage address in :mod:`ckptcore.plugins.address`):
+  the ``storage_options`` that bound retries, so a store that keeps failing fails a save
+  within a known time instead of retrying for minutes.
 * :func:`cached_filesystem`: one fsspec filesystem per (scheme, options) in a process.
 * :func:`storage_error`: turn a client library's exception into a :class:`StorageError`
   that says what failed, where, and what to do.
@@ -23,11 +24,17 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from ckptcore.errors import AlreadyExistsError, CheckpointError, StorageError
+from ckptcore.plugins.address import RETRY_OPTION_KEYS, RetryPolicy
 from ckptcore.plugins.registrations import Location
+
+__all__ = [
+    "COMMIT_MARKER", "PENDING_MARKER", "RETRY_OPTION_KEYS", "CommitMarker", "RetryPolicy", "cached_filesystem",
+    "clear_filesystem_cache", "options_key", "parse_bucket_url", "storage_error",
+]
 
 COMMIT_MARKER = "ckptcore_commit.json"
 """Written last: its presence is what makes a directory a committed checkpoint."""
@@ -39,65 +46,6 @@ PENDING_MARKER = "ckptcore_pending.json"
 _TOKEN_OPTION = "_ckptcore_commit_token"
 
 T = TypeVar("T")
-
-
-# -- retries -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How often and how long a failing request is retried (from ``storage_options``).
-
-    ``retries``: retries of one failed request (503, 429, dropped connection...).
-    ``retry_delay`` / ``retry_max_delay``: the exponential backoff between them, in seconds.
-    ``timeout``: the most seconds one request may take (connect + transfer of one part).
-
-    With the defaults a request that keeps failing gives up after about
-    ``retry_delay * (2**retries - 1)`` seconds capped per wait at ``retry_max_delay``
-    (about 12 s), so a save against a dead store fails within tens of seconds.
-    """
-
-    retries: int = 6
-    retry_delay: float = 0.25
-    retry_max_delay: float = 4.0
-    timeout: float = 120.0
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> RetryPolicy:
-        try:
-            policy = cls(
-                retries=int(options.get("retries", cls.retries)),
-                retry_delay=float(options.get("retry_delay", cls.retry_delay)),
-                retry_max_delay=float(options.get("retry_max_delay", cls.retry_max_delay)),
-                timeout=float(options.get("timeout", cls.timeout)),
-            )
-        except (TypeError, ValueError) as exc:
-            raise StorageError(f"invalid retry storage_options {dict(options)!r}: {exc}") from exc
-        if policy.retries < 0 or policy.retry_delay < 0 or policy.retry_max_delay < 0 or policy.timeout <= 0:
-            raise StorageError(
-                "storage_options retries, retry_delay and retry_max_delay must be >= 0 and timeout > 0, "
-                f"got {policy}"
-            )
-        return policy
-
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait before retry number ``attempt`` (0-based)."""
-        return min(self.retry_delay * (2**attempt), self.retry_max_delay)
-
-    def worst_case_seconds(self) -> float:
-        """The longest one request keeps retrying, waits only (each try adds up to ``timeout``)."""
-        return sum(self.delay(i) for i in range(self.retries))
-
-    def tensorstore(self) -> dict[str, Any]:
-        """The value of TensorStore's ``gcs_request_retries`` / ``s3_request_retries`` resource."""
-        return {
-            "max_retries": max(1, self.retries + 1),  # TensorStore counts attempts, including the first
-            "initial_delay": f"{int(self.retry_delay * 1000)}ms",
-            "max_delay": f"{int(self.retry_max_delay * 1000)}ms",
-        }
-
-
-RETRY_OPTION_KEYS = ("retries", "retry_delay", "retry_max_delay", "timeout")
 
 
 # -- filesystem cache ----------------------------------------------------------------

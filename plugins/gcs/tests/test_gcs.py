@@ -12,20 +12,27 @@ from ckptcore import storage
 from ckptcore.errors import CheckpointNotFoundError, MissingPluginError, StorageError
 from ckptcore.plugins.manager import reset_registry
 
+kvstore_spec = pytest.importorskip("ckptcore_zarr3.kvstore").kvstore_spec
+
 
 def test_resolve_builds_gcsfs_and_tensorstore_spec(gcs_server, gcs_bucket):
     loc = storage.resolve(f"gs://{gcs_bucket}/run/7/", {"retries": 3, "retry_delay": 0.5, "request_concurrency": 4})
     assert loc.url == f"gs://{gcs_bucket}/run/7" and loc.path == f"{gcs_bucket}/run/7" and loc.scheme == "gs"
-    assert loc.kvstore["driver"] == "gcs" and loc.kvstore["bucket"] == gcs_bucket and loc.kvstore["path"] == "run/7/"
-    context = loc.kvstore["context"]
+    address = loc.address
+    assert (address.scheme, address.bucket, address.path) == ("gs", gcs_bucket, "run/7/")
+    assert address.endpoint == gcs_server.endpoint and address.request_concurrency == 4
+    # the zarr3 plugin turns the format-neutral address into TensorStore's spec
+    kvstore = kvstore_spec(address)
+    assert kvstore["driver"] == "gcs" and kvstore["bucket"] == gcs_bucket and kvstore["path"] == "run/7/"
+    context = kvstore["context"]
     assert context["gcs_request_retries"] == {"max_retries": 4, "initial_delay": "500ms", "max_delay": "4000ms"}
     assert context["gcs_request_concurrency"] == {"limit": 4}
     # TensorStore has no endpoint member: the emulator host goes to its variable.
     assert os.environ["TENSORSTORE_GCS_HTTP_URL"] == gcs_server.endpoint
     assert loc.fs is storage.resolve(f"gs://{gcs_bucket}/other", {"retries": 3, "retry_delay": 0.5}).fs  # cached
     assert loc.fs is not storage.resolve(f"gs://{gcs_bucket}/other").fs
-    child = loc.child("item")
-    assert child.kvstore["path"] == "run/7/item/" and child.kvstore["context"] == context
+    child = kvstore_spec(loc.child("item").address)
+    assert child["path"] == "run/7/item/" and child["context"] == context
 
 
 def test_explicit_endpoint_is_used_by_both_clients(gcs_server, gcs_bucket, gcs_proxy):

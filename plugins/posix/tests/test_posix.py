@@ -13,6 +13,7 @@ from ckptcore_posix import LocalBackend, RenameCommit
 
 import ckptcore
 from ckptcore import errors
+from ckptcore.plugins.address import StorageAddress
 from ckptcore.plugins.manager import registry, reset_registry
 
 
@@ -42,10 +43,11 @@ def test_resolves_paths_and_file_urls(tmp_path, monkeypatch):
     for url in (str(tmp_path / "ck"), f"file://{tmp_path}/ck", str(tmp_path / "x" / ".." / "ck"), "~/ck"):
         loc = registry().storage("file").backend.resolve(url, {})
         assert loc.path == str(tmp_path / "ck") and loc.scheme == "file"
-        assert loc.kvstore == {"driver": "file", "path": f"{tmp_path}/ck/"}
+        assert loc.address == StorageAddress(scheme="file", path=f"{tmp_path}/ck/")
     loc = _loc(tmp_path / "ck")
-    assert loc.child("x.y").path == f"{tmp_path}/ck/x.y" and loc.child("x.y").kvstore["path"] == f"{tmp_path}/ck/x.y/"
+    assert loc.child("x.y").path == f"{tmp_path}/ck/x.y" and loc.child("x.y").address.path == f"{tmp_path}/ck/x.y/"
     assert loc.parent().path == str(tmp_path) and loc.name == "ck"
+    assert loc.parent().address.path == f"{tmp_path}/"
     assert registry().storage("file").distribution == "ckptcore-posix"
 
 

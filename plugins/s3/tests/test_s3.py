@@ -10,21 +10,25 @@ from ckptcore import storage
 from ckptcore.errors import CheckpointNotFoundError, MissingPluginError, StorageError
 from ckptcore.plugins.manager import reset_registry
 
+kvstore_spec = pytest.importorskip("ckptcore_zarr3.kvstore").kvstore_spec
+
 
 def test_resolve_puts_endpoint_and_region_into_the_tensorstore_spec(s3_server, s3_bucket, monkeypatch):
     loc = storage.resolve(f"s3://{s3_bucket}/run/7", {"retries": 2})
     assert loc.url == f"s3://{s3_bucket}/run/7" and loc.path == f"{s3_bucket}/run/7"
-    kv = loc.kvstore
+    assert loc.address.endpoint == s3_server.endpoint and loc.address.region == "us-east-1"
+    kv = kvstore_spec(loc.address)  # the zarr3 plugin's TensorStore spec of the format-neutral address
     assert kv["driver"] == "s3" and kv["bucket"] == s3_bucket and kv["path"] == "run/7/"
     assert kv["endpoint"] == s3_server.endpoint  # from AWS_ENDPOINT_URL, which TensorStore ignores
     assert kv["aws_region"] == "us-east-1"
     assert kv["context"]["s3_request_retries"]["max_retries"] == 3
     explicit = storage.resolve(f"s3://{s3_bucket}/x", {"endpoint": "http://127.0.0.1:1/", "region": "eu-west-3"})
-    assert explicit.kvstore["endpoint"] == "http://127.0.0.1:1" and explicit.kvstore["aws_region"] == "eu-west-3"
+    explicit_kv = kvstore_spec(explicit.address)
+    assert explicit_kv["endpoint"] == "http://127.0.0.1:1" and explicit_kv["aws_region"] == "eu-west-3"
     monkeypatch.setenv("AWS_REGION", "ap-south-1")
-    assert storage.resolve(f"s3://{s3_bucket}/x").kvstore["aws_region"] == "ap-south-1"
+    assert kvstore_spec(storage.resolve(f"s3://{s3_bucket}/x").address)["aws_region"] == "ap-south-1"
     monkeypatch.delenv("AWS_ENDPOINT_URL")
-    assert "endpoint" not in storage.resolve(f"s3://{s3_bucket}/x").kvstore  # real AWS
+    assert "endpoint" not in kvstore_spec(storage.resolve(f"s3://{s3_bucket}/x").address)  # real AWS
 
 
 def test_explicit_endpoint_carries_array_data(s3_bucket, s3_proxy):
@@ -45,7 +49,7 @@ def test_explicit_keys_without_environment_credentials(s3_bucket, monkeypatch, f
     ckptcore.save(url, state, format=fmt, storage_options=options)
     out = ckptcore.restore(url, storage_options=options)
     np.testing.assert_array_equal(out["a"], state["a"])
-    assert storage.resolve(url, options).kvstore["context"]["aws_credentials"]["type"] == "profile"
+    assert kvstore_spec(storage.resolve(url, options).address)["context"]["aws_credentials"]["type"] == "profile"
 
 
 def test_missing_credentials(s3_bucket, monkeypatch):

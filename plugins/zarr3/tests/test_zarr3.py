@@ -1,7 +1,7 @@
 """ckptcore-zarr3: layout decisions, and both formats driven directly through real TensorStore (issue 2, item 5).
 
 Runs with only the core and this plugin: no storage plugin is used, the tests build
-their own local :class:`~ckptcore.registrations.Location`.
+their own local :class:`~ckptcore.plugins.registrations.Location`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pytest
 from ckptcore_zarr3 import layout
 from fsspec.implementations.local import LocalFileSystem
 
+from ckptcore.plugins.address import StorageAddress
 from ckptcore.plugins.manager import registry, reset_registry
 from ckptcore.plugins.registrations import Location, ReadRequest, Shard, WriteRequest
 
@@ -31,7 +32,7 @@ def only_zarr3(monkeypatch):
 def _location(path) -> Location:
     path = str(path)
     os.makedirs(path, exist_ok=True)
-    return Location(url=path, scheme="file", fs=LocalFileSystem(), path=path, kvstore={"driver": "file", "path": path + "/"})
+    return Location(url=path, scheme="file", fs=LocalFileSystem(), path=path, address=StorageAddress(scheme="file", path=path + "/"))
 
 
 def _whole(key, array, hint=None):

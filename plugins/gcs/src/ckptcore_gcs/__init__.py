@@ -1,8 +1,10 @@
 """ckptcore plugin for Google Cloud Storage: ``gs://bucket/path`` (and ``gcs://``).
 
 Small files (the index, the commit markers) and listings go through gcsfs; array data
-through TensorStore's ``gcs`` kvstore. Checkpoints become visible through a commit marker
-written last (:class:`ckptcore.object_store.CommitMarker`).
+through the array format, to which the plugin hands a ``gs`` storage address (bucket, key
+prefix, endpoint, retry bounds; the zarr3 formats turn it into TensorStore's ``gcs``
+kvstore). Checkpoints become visible through a commit marker written last
+(:class:`ckptcore.storage.object_store.CommitMarker`).
 
 Credentials: application default credentials, ``GOOGLE_APPLICATION_CREDENTIALS``, or
 ``storage_options={"token": ...}``. Emulators: ``STORAGE_EMULATOR_HOST`` or
@@ -14,8 +16,8 @@ Credentials: application default credentials, ``GOOGLE_APPLICATION_CREDENTIALS``
 from __future__ import annotations
 
 from ckptcore.plugins.hookspecs import hookimpl
-from ckptcore.storage.object_store import CommitMarker
 from ckptcore.plugins.registrations import AtomicityRegistration, StorageRegistration
+from ckptcore.storage.object_store import CommitMarker
 from ckptcore_gcs.backend import CREDENTIALS_HINT, GCSBackend
 
 SCHEMES = ("gs", "gcs")

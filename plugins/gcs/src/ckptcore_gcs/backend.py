@@ -1,17 +1,23 @@
-"""Resolving ``gs://bucket/path`` URLs: a gcsfs filesystem and a TensorStore ``gcs`` kvstore spec."""
+"""Resolving ``gs://bucket/path`` URLs: a gcsfs filesystem and a ``gs`` storage address."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-import threading
 from collections.abc import Mapping
 from typing import Any
 
 from ckptcore.errors import StorageError
-from ckptcore.storage.object_store import RETRY_OPTION_KEYS, RetryPolicy, cached_filesystem, parse_bucket_url, storage_error
+from ckptcore.plugins.address import StorageAddress
 from ckptcore.plugins.registrations import Location
+from ckptcore.storage.object_store import (
+    RETRY_OPTION_KEYS,
+    RetryPolicy,
+    cached_filesystem,
+    parse_bucket_url,
+    storage_error,
+)
 
 log = logging.getLogger("ckptcore_gcs")
 
@@ -21,13 +27,7 @@ CREDENTIALS_HINT = (
     "GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, or pass storage_options={'token': ...}."
 )
 
-# TensorStore's gcs driver has no endpoint member: it reads TENSORSTORE_GCS_HTTP_URL each
-# time a store is opened. We set it from the endpoint in use (and put back the user's own
-# value for real GCS), so one process talks to one GCS endpoint at a time.
-_TS_URL = "TENSORSTORE_GCS_HTTP_URL"
 _TOKEN_METHODS = ("anon", "google_default", "cache", "cloud", "browser")
-_env_lock = threading.Lock()
-_user_ts_url = os.environ.get(_TS_URL)
 
 
 def emulator_endpoint(options: Mapping[str, Any]) -> str | None:
@@ -39,15 +39,6 @@ def emulator_endpoint(options: Mapping[str, Any]) -> str | None:
     return endpoint if "://" in endpoint else f"http://{endpoint}"
 
 
-def _point_tensorstore_at(endpoint: str | None) -> None:
-    with _env_lock:
-        wanted = endpoint or _user_ts_url
-        if wanted is None:
-            os.environ.pop(_TS_URL, None)
-        elif os.environ.get(_TS_URL) != wanted:
-            os.environ[_TS_URL] = wanted
-
-
 class GCSBackend:
     """``gs://`` (and ``gcs://``) URLs."""
 
@@ -56,7 +47,6 @@ class GCSBackend:
         bucket, key = parse_bucket_url(url, options, OPTION_KEYS, "gcs")
         policy = RetryPolicy.from_options(options)
         endpoint = emulator_endpoint(options)
-        _point_tensorstore_at(endpoint)
         fs_options = {k: options[k] for k in OPTION_KEYS if k in options and k != "request_concurrency"}
         fs_options["endpoint"] = endpoint
         try:
@@ -68,16 +58,24 @@ class GCSBackend:
             raise StorageError(f"connecting to GCS for {url} failed: {exc}") from exc
         except Exception as exc:
             raise storage_error(exc, url, "connecting to GCS for", credentials_hint=CREDENTIALS_HINT) from exc
-        context: dict[str, Any] = {"gcs_request_retries": policy.tensorstore()}
-        if "request_concurrency" in options:
-            context["gcs_request_concurrency"] = {"limit": int(options["request_concurrency"])}
-        if options.get("user_project"):
-            context["gcs_user_project"] = {"project_id": str(options["user_project"])}
-        kvstore = {"driver": "gcs", "bucket": bucket, "path": f"{key}/" if key else "", "context": context}
+        address = StorageAddress(
+            scheme="gs", bucket=bucket, path=f"{key}/" if key else "", endpoint=endpoint, retry=policy,
+            credentials=_credentials(options),
+            request_concurrency=int(options["request_concurrency"]) if "request_concurrency" in options else None,
+            options={"user_project": str(options["user_project"])} if options.get("user_project") else {},
+        )
         path = f"{bucket}/{key}" if key else bucket
         return Location(
-            url=f"{scheme}://{path}", scheme=scheme, fs=fs, path=path, kvstore=kvstore, options=dict(options)
+            url=f"{scheme}://{path}", scheme=scheme, fs=fs, path=path, address=address, options=dict(options)
         )
+
+
+def _credentials(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The credentials of the address: the ``token`` option when one is given, else the default chain."""
+    token = options.get("token")
+    if token == "anon":
+        return {"anon": True}
+    return {"token": token} if token is not None else {}
 
 
 def _make_filesystem(endpoint: str | None, options: Mapping[str, Any], policy: RetryPolicy) -> Any:

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ckptcore.errors import AlreadyExistsError, StorageError
+from ckptcore.plugins.address import StorageAddress
 from ckptcore.plugins.hookspecs import hookimpl
 from ckptcore.plugins.registrations import AtomicityRegistration, Location, StorageRegistration
 
@@ -60,7 +61,7 @@ def _rename(src: str, dst: str, flags: int) -> bool:
 
 
 class LocalBackend:
-    """Local paths; the kvstore is TensorStore's ``file`` driver."""
+    """Local paths: fsspec's local filesystem, and a ``file`` address for the array formats."""
 
     def resolve(self, url: str, options: Mapping[str, Any]) -> Location:
         from fsspec.implementations.local import LocalFileSystem
@@ -69,7 +70,7 @@ class LocalBackend:
         path = os.path.abspath(os.path.expanduser(path))
         return Location(
             url=path, scheme="file", fs=LocalFileSystem(), path=path,
-            kvstore={"driver": "file", "path": path.rstrip("/") + "/"}, options=dict(options),
+            address=StorageAddress(scheme="file", path=path.rstrip("/") + "/"), options=dict(options),
         )
 
 

@@ -1,9 +1,10 @@
 """ckptcore plugin for Amazon S3 and S3-compatible stores: ``s3://bucket/path``.
 
 Small files (the index, the commit markers) and listings go through s3fs; array data
-through TensorStore's ``s3`` kvstore, which is always given an explicit ``endpoint`` when
-one is configured (TensorStore itself ignores ``AWS_ENDPOINT_URL``). Checkpoints become
-visible through a commit marker written last (:class:`ckptcore.object_store.CommitMarker`).
+through the array format, to which the plugin hands an ``s3`` storage address that always
+carries the configured endpoint (resolved here from ``AWS_ENDPOINT_URL`` too: TensorStore,
+behind the zarr3 formats, ignores that variable). Checkpoints become visible through a
+commit marker written last (:class:`ckptcore.storage.object_store.CommitMarker`).
 
 Credentials: the standard AWS chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
 ``AWS_PROFILE``, shared config files), or ``storage_options`` ``key``/``secret``/``token``,
@@ -16,8 +17,8 @@ Credentials: the standard AWS chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_K
 from __future__ import annotations
 
 from ckptcore.plugins.hookspecs import hookimpl
-from ckptcore.storage.object_store import CommitMarker
 from ckptcore.plugins.registrations import AtomicityRegistration, StorageRegistration
+from ckptcore.storage.object_store import CommitMarker
 from ckptcore_s3.backend import CREDENTIALS_HINT, S3Backend
 
 SCHEMES = ("s3",)

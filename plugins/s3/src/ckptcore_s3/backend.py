@@ -1,25 +1,21 @@
-"""Resolving ``s3://bucket/path`` URLs: an s3fs filesystem and a TensorStore ``s3`` kvstore spec."""
+"""Resolving ``s3://bucket/path`` URLs: an s3fs filesystem and an ``s3`` storage address."""
 
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
-import tempfile
-import threading
 from collections.abc import Mapping
 from typing import Any
 
 from ckptcore.errors import StorageError
+from ckptcore.plugins.address import StorageAddress
+from ckptcore.plugins.registrations import Location
 from ckptcore.storage.object_store import (
     RETRY_OPTION_KEYS,
     RetryPolicy,
     cached_filesystem,
-    options_key,
     parse_bucket_url,
     storage_error,
 )
-from ckptcore.plugins.registrations import Location
 
 OPTION_KEYS = (
     "endpoint", "region", "profile", "key", "secret", "token", "anon", "request_concurrency", *RETRY_OPTION_KEYS,
@@ -65,20 +61,26 @@ class S3Backend:
             )
         except Exception as exc:
             raise storage_error(exc, url, "connecting to S3 for", credentials_hint=CREDENTIALS_HINT) from exc
-        context: dict[str, Any] = {
-            "s3_request_retries": policy.tensorstore(),
-            "aws_credentials": _tensorstore_credentials(options),
-        }
-        if "request_concurrency" in options:
-            context["s3_request_concurrency"] = {"limit": int(options["request_concurrency"])}
-        # TensorStore ignores AWS_ENDPOINT_URL: without an explicit endpoint it talks to AWS.
-        kvstore: dict[str, Any] = {
-            "driver": "s3", "bucket": bucket, "path": f"{key}/" if key else "", "aws_region": region, "context": context,
-        }
-        if endpoint:
-            kvstore["endpoint"] = endpoint
+        # The endpoint is resolved here, from the options or AWS_ENDPOINT_URL(_S3), and always
+        # handed on: some clients (TensorStore's) ignore AWS_ENDPOINT_URL and would talk to AWS.
+        address = StorageAddress(
+            scheme="s3", bucket=bucket, path=f"{key}/" if key else "", endpoint=endpoint, region=region,
+            credentials=_credentials(options), retry=policy,
+            request_concurrency=int(options["request_concurrency"]) if "request_concurrency" in options else None,
+        )
         path = f"{bucket}/{key}" if key else bucket
-        return Location(url=f"s3://{path}", scheme="s3", fs=fs, path=path, kvstore=kvstore, options=dict(options))
+        return Location(url=f"s3://{path}", scheme="s3", fs=fs, path=path, address=address, options=dict(options))
+
+
+def _credentials(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The credentials of the address, in storage_options words (``{}``: the standard AWS chain)."""
+    if options.get("anon"):
+        return {"anon": True}
+    if options.get("key"):
+        return {k: options[k] for k in ("key", "secret", "token") if options.get(k)}
+    if options.get("profile"):
+        return {"profile": str(options["profile"])}
+    return {}
 
 
 def _make_filesystem(endpoint: str | None, region: str, options: Mapping[str, Any], policy: RetryPolicy) -> Any:
@@ -105,45 +107,3 @@ def _make_filesystem(endpoint: str | None, region: str, options: Mapping[str, An
     fs = s3fs.S3FileSystem(**kwargs)
     fs.retries = 2  # s3fs's own loop around botocore's: one more try for a body read cut short
     return fs
-
-
-# TensorStore takes no literal keys: explicit ones go into a private credentials file that
-# its ``profile`` provider reads (created once per key set, removed at exit).
-_cred_dir: str | None = None
-_cred_files: dict[str, str] = {}
-_cred_lock = threading.Lock()
-
-
-def _tensorstore_credentials(options: Mapping[str, Any]) -> dict[str, Any]:
-    if options.get("anon"):
-        return {"type": "anonymous"}
-    if options.get("key"):
-        credentials, config = _credentials_files(options)
-        return {"type": "profile", "profile": "ckptcore", "credentials_file": credentials, "config_file": config}
-    if options.get("profile"):
-        return {"type": "profile", "profile": str(options["profile"])}
-    return {"type": "default"}
-
-
-def _credentials_files(options: Mapping[str, Any]) -> tuple[str, str]:
-    global _cred_dir
-    wanted = {k: options.get(k) for k in ("key", "secret", "token")}
-    cache_key = options_key("s3-credentials", wanted)
-    with _cred_lock:
-        if cache_key in _cred_files:
-            return _cred_files[cache_key], os.path.join(str(_cred_dir), "config")
-        if _cred_dir is None:
-            _cred_dir = tempfile.mkdtemp(prefix="ckptcore-s3-")
-            atexit.register(shutil.rmtree, _cred_dir, True)
-            # The profile provider also reads a config file; an empty one keeps it off AWS_CONFIG_FILE.
-            with open(os.path.join(_cred_dir, "config"), "w"):
-                pass
-        path = os.path.join(_cred_dir, f"credentials-{len(_cred_files)}")
-        lines = ["[ckptcore]", f"aws_access_key_id = {wanted['key']}", f"aws_secret_access_key = {wanted['secret']}"]
-        if wanted["token"]:
-            lines.append(f"aws_session_token = {wanted['token']}")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write("\n".join(lines) + "\n")
-        _cred_files[cache_key] = path
-        return path, os.path.join(_cred_dir, "config")

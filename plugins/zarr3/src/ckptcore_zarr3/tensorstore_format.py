@@ -24,6 +24,7 @@ import tensorstore as ts
 from ckptcore.errors import CorruptCheckpointError, InvalidOptionError
 from ckptcore.plugins.registrations import Location, ReadRequest, WriteRequest
 from ckptcore_zarr3 import layout
+from ckptcore_zarr3.kvstore import kvstore_spec
 
 PACKED_PREFIX = ".packed/"  # '.' never appears in an escaped storage key, so no leaf collides
 PACKED_ALIGN = 16
@@ -52,7 +53,7 @@ class TensorStoreFormat:
         self.ocdbt = ocdbt
 
     def _kvstore(self, location: Location, data_file_bytes: int = DATA_FILE_BYTES) -> dict[str, Any]:
-        base = dict(location.kvstore)
+        base = kvstore_spec(location.address)
         if not self.ocdbt:
             return base
         spec = {
