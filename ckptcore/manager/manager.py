@@ -30,6 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from ckptcore import storage
 from ckptcore.checkpointers.background import BackgroundWriter
 from ckptcore.errors import (
@@ -37,7 +39,6 @@ from ckptcore.errors import (
     CheckpointNotFoundError,
     ConcurrentWriterError,
     CorruptCheckpointError,
-    IncompatibleVersionError,
     InvalidMetadataError,
     InvalidOptionError,
     NotACheckpointRootError,
@@ -52,6 +53,15 @@ from ckptcore.io import save as saving
 from ckptcore.io.metadata import metadata_tree
 from ckptcore.io.restore import restore_location
 from ckptcore.manager.composite import DEFAULT_ITEM, Composite, Json
+from ckptcore.manager.documents import (
+    JSON_ITEM_FILE,
+    ROOT_FILE,
+    STEP_FILE,
+    encode_step_doc,
+    read_root_file,
+    read_step_doc,
+    write_root_file,
+)
 from ckptcore.manager.options import CheckpointManagerOptions
 from ckptcore.manager.retention import StepRecord, steps_to_delete
 from ckptcore.parallel import jax_coordinator as distributed
@@ -62,12 +72,6 @@ from ckptcore.storage import locks
 
 log = logging.getLogger("ckptcore.manager.manager")
 
-ROOT_FILE = "ckptcore_manager.json"
-STEP_FILE = "ckptcore_step.json"
-JSON_ITEM_FILE = "ckptcore_json.json"
-ROOT_FORMAT = "ckptcore-manager"
-STEP_FORMAT = "ckptcore-step"
-FORMAT_VERSION = 1
 STEP_LAYOUT = "prefixed"
 
 
@@ -122,32 +126,6 @@ def _parse(name: str, prefixes: tuple[str | None, ...], layouts: list[Any]) -> i
             if step is not None:
                 return step
     return None
-
-
-def read_root_file(root: Location) -> dict[str, Any] | None:
-    """The manager's root file, ``None`` when absent; clear errors when it is not ours."""
-    path = f"{root.path.rstrip('/')}/{ROOT_FILE}"
-    try:
-        raw = root.fs.cat_file(path)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise StorageError(f"could not read {root.url}/{ROOT_FILE}: {exc}") from exc
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        raise CorruptCheckpointError(
-            f"{root.url}/{ROOT_FILE} is not valid JSON ({exc}). The steps are unaffected: delete that file "
-            "and open the manager again to rewrite it (the root metadata it held is lost)."
-        ) from exc
-    if not isinstance(doc, dict) or doc.get("format") != ROOT_FORMAT:
-        raise NotACheckpointRootError(f"{root.url}/{ROOT_FILE} is not a ckptcore manager file")
-    if not isinstance(doc.get("format_version"), int) or doc["format_version"] > FORMAT_VERSION:
-        raise IncompatibleVersionError(
-            f"{root.url} was written by a newer ckptcore (manager format {doc.get('format_version')}); "
-            "upgrade: pip install -U ckptcore"
-        )
-    return doc
 
 
 # -- metrics ---------------------------------------------------------------------------
@@ -302,17 +280,10 @@ class CheckpointManager:
         return names
 
     def _write_root_file(self, user_metadata: dict[str, Any]) -> dict[str, Any]:
-        doc = {
-            "format": ROOT_FORMAT,
-            "format_version": FORMAT_VERSION,
-            "created": datetime.datetime.now(datetime.UTC).isoformat(),
-            "ckptcore_version": _version(),
-            "step_prefix": self._options.step_prefix,
-            "step_format_fixed_length": self._options.step_format_fixed_length,
-            "metadata": user_metadata,
-        }
-        self._root.fs.pipe_file(f"{self._root.path.rstrip('/')}/{ROOT_FILE}", json.dumps(doc, indent=1).encode())
-        return doc
+        return write_root_file(
+            self._root, step_prefix=self._options.step_prefix,
+            step_format_fixed_length=self._options.step_format_fixed_length, metadata=user_metadata,
+        )
 
     def _prefixes(self) -> tuple[str | None, ...]:
         ours = self._options.step_prefix
@@ -363,35 +334,12 @@ class CheckpointManager:
     # -- reading step metadata ---------------------------------------------------------
 
     def _read_step_doc(self, step: int, location: Location) -> StepMetadata:
-        path = f"{location.path.rstrip('/')}/{STEP_FILE}"
-        try:
-            raw = location.fs.cat_file(path)
-        except FileNotFoundError as exc:
-            raise CorruptCheckpointError(
-                f"step {step} at {location.url} has no {STEP_FILE}: it was not written by a ckptcore "
-                f"CheckpointManager or is damaged. Restore another step (all_steps()) or delete it (delete({step}))."
-            ) from exc
-        except OSError as exc:
-            raise StorageError(f"could not read {location.url}/{STEP_FILE}: {exc}") from exc
-        try:
-            doc = json.loads(raw)
-            if not isinstance(doc, dict) or doc.get("format") != STEP_FORMAT or not isinstance(doc.get("items"), dict):
-                raise ValueError("not a ckptcore step metadata file")
-        except ValueError as exc:
-            raise CorruptCheckpointError(
-                f"step {step} at {location.url}: {STEP_FILE} is damaged ({exc}). Restore another step "
-                f"(all_steps()) or delete it (delete({step}))."
-            ) from exc
-        if not isinstance(doc.get("format_version"), int) or doc["format_version"] > FORMAT_VERSION:
-            raise IncompatibleVersionError(
-                f"step {step} at {location.url} was written by a newer ckptcore; upgrade: pip install -U ckptcore"
-            )
-        commit = doc.get("commit_time")
+        doc = read_step_doc(step, location)
         return StepMetadata(
             step=step, url=location.url,
-            commit_time=datetime.datetime.fromtimestamp(commit, datetime.UTC)
-            if isinstance(commit, (int, float)) else None,
-            metrics=decode_metrics(doc.get("metrics")), items=doc["items"], composite=bool(doc.get("composite")),
+            commit_time=None if doc.commit_time is None
+            else datetime.datetime.fromtimestamp(doc.commit_time, datetime.UTC),
+            metrics=decode_metrics(doc.metrics), items=msgspec.to_builtins(doc.items), composite=doc.composite,
         )
 
     # -- queries -----------------------------------------------------------------------
@@ -617,14 +565,11 @@ class CheckpointManager:
                         "total_bytes": doc["total_bytes"],
                     }
             commit_time = time.time()
-            step_doc = {
-                "format": STEP_FORMAT, "format_version": FORMAT_VERSION, "step": step, "commit_time": commit_time,
-                "commit_time_iso": datetime.datetime.fromtimestamp(commit_time, datetime.UTC).isoformat(),
-                "ckptcore_version": _version(), "composite": composite, "items": described,
-                "metrics": stored_metrics,
-            }
+            step_doc = encode_step_doc(
+                step=step, commit_time=commit_time, composite=composite, items=described, metrics=stored_metrics
+            )
             if self._primary:
-                staging.fs.pipe_file(f"{staging.path.rstrip('/')}/{STEP_FILE}", json.dumps(step_doc, indent=1).encode())
+                staging.fs.pipe_file(f"{staging.path.rstrip('/')}/{STEP_FILE}", step_doc)
             strategy.commit(staging, final, replace=force)
         with self._lock:
             self._records[step] = StepRecord(step, commit_time, metrics, score)

@@ -23,7 +23,9 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Annotated, Literal
+
+import msgspec
 
 from ckptcore.errors import ConcurrentWriterError, StorageError
 from ckptcore.plugins.registrations import Location
@@ -34,20 +36,38 @@ WRITER_FILE = ".ckptcore-writer.json"
 READERS_DIR = ".ckptcore-readers"
 
 
-_UNREADABLE: dict[str, Any] = {"unreadable": True}
+class LeaseFile(msgspec.Struct, kw_only=True):
+    """A lease file, writer lock or reader lease. Every field may be missing when read: a
+    lease without a valid ``expires`` is expired."""
+
+    kind: Annotated[Literal["writer", "reader"] | None, msgspec.Meta(description="`writer` or `reader`")] = None
+    step: Annotated[
+        int | msgspec.UnsetType, msgspec.Meta(description="reader leases: the step they protect from retention")
+    ] = msgspec.UNSET
+    owner: Annotated[str, msgspec.Meta(description="a random id of the lease holder")] = ""
+    host: Annotated[str, msgspec.Meta(description="the holder's host name")] = ""
+    pid: Annotated[int | None, msgspec.Meta(description="the holder's process id")] = None
+    expires: Annotated[
+        float | None, msgspec.Meta(description="when it expires unless refreshed (seconds since the epoch)")
+    ] = None
+    ttl: Annotated[float | None, msgspec.Meta(description="its lifetime in seconds (refreshed every third)")] = None
 
 
-def _read_json(location: Location, path: str) -> dict[str, Any] | None:
-    """The lease at ``path``; None when absent; ``_UNREADABLE`` when not (yet) valid JSON."""
+_DECODER = msgspec.json.Decoder(LeaseFile)
+# A lease file that is not (yet) a valid lease: expired, owned by nobody.
+_UNREADABLE = LeaseFile()
+
+
+def _read_lease(location: Location, path: str) -> LeaseFile | None:
+    """The lease at ``path``; None when absent; ``_UNREADABLE`` when it is not (yet) a valid lease."""
     try:
         raw = location.fs.cat_file(path)
     except FileNotFoundError:
         return None
     try:
-        doc = json.loads(raw)
-    except ValueError:
+        return _DECODER.decode(raw)
+    except msgspec.DecodeError:  # also ValidationError (JSON, but not a lease)
         return _UNREADABLE  # being created right now (exclusive create, then write), or damaged
-    return doc if isinstance(doc, dict) else _UNREADABLE
 
 
 def _atomic_write(location: Location, path: str, data: bytes) -> None:
@@ -57,18 +77,16 @@ def _atomic_write(location: Location, path: str, data: bytes) -> None:
     location.fs.mv(tmp, path)
 
 
-def _is_live(doc: dict[str, Any] | None, now: float) -> bool:
-    return doc is not None and isinstance(doc.get("expires"), (int, float)) and doc["expires"] > now
+def _is_live(doc: LeaseFile | None, now: float) -> bool:
+    return doc is not None and doc.expires is not None and doc.expires > now
 
 
-def _pid_is_dead(doc: dict[str, Any]) -> bool:
+def _pid_is_dead(doc: LeaseFile) -> bool:
     """The holder ran on this host and its process is gone (so its lease can be taken now)."""
-    if doc.get("host") != socket.gethostname() or not isinstance(doc.get("pid"), int):
-        return False
-    if doc["pid"] == os.getpid():
+    if doc.host != socket.gethostname() or doc.pid is None or doc.pid == os.getpid():
         return False
     try:
-        os.kill(doc["pid"], 0)
+        os.kill(doc.pid, 0)
     except ProcessLookupError:
         return True
     except OSError:
@@ -79,23 +97,26 @@ def _pid_is_dead(doc: dict[str, Any]) -> bool:
 class Lease:
     """One lease file, refreshed in the background until released."""
 
-    def __init__(self, location: Location, path: str, ttl: float, info: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, location: Location, path: str, ttl: float, kind: Literal["writer", "reader"], step: int | None = None
+    ) -> None:
         self.location = location
         self.path = path
         self.ttl = ttl
         self.owner = uuid.uuid4().hex
-        self.info = dict(info or {})
+        self.kind = kind
+        self.step = step
         self.lost: str | None = None  # why the lease was lost, if it was
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._released = False
 
     def _doc(self) -> bytes:
-        doc = {
-            **self.info, "owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
-            "expires": time.time() + self.ttl, "ttl": self.ttl,
-        }
-        return json.dumps(doc).encode()
+        doc = LeaseFile(
+            kind=self.kind, step=msgspec.UNSET if self.step is None else self.step, owner=self.owner,
+            host=socket.gethostname(), pid=os.getpid(), expires=time.time() + self.ttl, ttl=self.ttl,
+        )
+        return json.dumps(msgspec.to_builtins(doc)).encode()  # json.dumps: the bytes ckptcore 0.1.0 wrote
 
     def write(self, exclusive: bool = False) -> None:
         fs = self.location.fs
@@ -120,9 +141,9 @@ class Lease:
                 log.warning("could not refresh lease %s: %s", self.path, exc)
 
     def refresh(self) -> None:
-        current = _read_json(self.location, self.path)
-        if current is not None and current is not _UNREADABLE and current.get("owner") != self.owner:
-            self.lost = f"taken over by host {current.get('host')} pid {current.get('pid')}"
+        current = _read_lease(self.location, self.path)
+        if current is not None and current is not _UNREADABLE and current.owner != self.owner:
+            self.lost = f"taken over by host {current.host or '?'} pid {'?' if current.pid is None else current.pid}"
             self._stop.set()
             return
         _atomic_write(self.location, self.path, self._doc())
@@ -137,8 +158,8 @@ class Lease:
         if self.lost is not None:
             return
         try:
-            current = _read_json(self.location, self.path)
-            if current is not None and current.get("owner") == self.owner:
+            current = _read_lease(self.location, self.path)
+            if current is not None and current.owner == self.owner:
                 self.location.fs.rm_file(self.path)
         except FileNotFoundError:
             pass
@@ -150,15 +171,15 @@ class Lease:
 def acquire_writer_lock(root: Location, ttl: float) -> Lease:
     """Take the writer lock of ``root`` or raise :class:`ConcurrentWriterError`."""
     path = f"{root.path.rstrip('/')}/{WRITER_FILE}"
-    lease = Lease(root, path, ttl, {"kind": "writer"})
+    lease = Lease(root, path, ttl, "writer")
     fs = root.fs
     fs.invalidate_cache(root.path)
-    current = _read_json(root, path)
+    current = _read_lease(root, path)
     for _ in range(10):  # another writer may be between its exclusive create and its write
         if current is not _UNREADABLE:
             break
         time.sleep(0.1)
-        current = _read_json(root, path)
+        current = _read_lease(root, path)
     if current is _UNREADABLE:
         raise ConcurrentWriterError(
             f"the writer lock {root.url}/{WRITER_FILE} is unreadable; if no other manager writes {root.url}, "
@@ -174,23 +195,24 @@ def acquire_writer_lock(root: Location, ttl: float) -> Lease:
     try:
         lease.write(exclusive=True)
     except FileExistsError as exc:
-        raise _held(root, _read_json(root, path) or {}) from exc
+        raise _held(root, _read_lease(root, path) or _UNREADABLE) from exc
     except OSError as exc:
         raise StorageError(f"could not create the writer lock {root.url}/{WRITER_FILE}: {exc}") from exc
     # Without exclusive create two writers may both write: the file keeps one owner, and
     # the other one learns it here.
-    written = _read_json(root, path)
-    if written is None or written.get("owner") != lease.owner:
-        raise _held(root, written or {})
+    written = _read_lease(root, path)
+    if written is None or written.owner != lease.owner:
+        raise _held(root, written or _UNREADABLE)
     lease.start_refreshing()
     return lease
 
 
-def _held(root: Location, holder: dict[str, Any]) -> ConcurrentWriterError:
-    left = holder.get("expires", 0) - time.time() if isinstance(holder.get("expires"), (int, float)) else 0
+def _held(root: Location, holder: LeaseFile) -> ConcurrentWriterError:
+    left = holder.expires - time.time() if holder.expires is not None else 0
     return ConcurrentWriterError(
-        f"{root.url} is being written by another CheckpointManager (host {holder.get('host', '?')}, "
-        f"pid {holder.get('pid', '?')}; its lease {root.url}/{WRITER_FILE} expires in {max(0.0, left):.0f} s "
+        f"{root.url} is being written by another CheckpointManager (host {holder.host or '?'}, "
+        f"pid {'?' if holder.pid is None else holder.pid}; its lease {root.url}/{WRITER_FILE} expires in "
+        f"{max(0.0, left):.0f} s "
         "unless refreshed). Two writers would delete each other's steps. Open this manager with "
         "read_only=True to read, close the other one, or wait for its lease to expire if it crashed."
     )
@@ -203,7 +225,7 @@ def readers_dir(root: Location) -> str:
 def acquire_reader_lease(root: Location, step: int, ttl: float) -> Lease:
     """Protect ``step`` from retention while it is read; release it when done."""
     directory = readers_dir(root)
-    lease = Lease(root, "", ttl, {"kind": "reader", "step": step})
+    lease = Lease(root, "", ttl, "reader", step)
     lease.path = f"{directory}/{step}.{lease.owner}.json"
     root.fs.makedirs(directory, exist_ok=True)
     lease.write()
@@ -227,7 +249,7 @@ def leased_steps(root: Location, *, clean_expired: bool = False) -> set[int]:
         if not head.isdigit() or not name.endswith(".json"):
             continue
         path = f"{directory}/{name}"
-        doc = _read_json(root, path)
+        doc = _read_lease(root, path)
         if _is_live(doc, now):
             steps.add(int(head))
         elif clean_expired and doc is not None:
