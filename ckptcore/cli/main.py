@@ -110,6 +110,7 @@ def _inspect(path: str, as_json: bool) -> int:
         "url": ck.url, "created": ck.created, "total_bytes": ck.total_bytes, "format_version": ck.format_version,
         "ckptcore_version": ck.ckptcore_version, "array_formats": ck.array_formats, "metadata": ck.metadata,
         "leaves": leaves, "tree": ck.stored_tree,
+        "nodes": [{"path": p, "node_type": note} for p, _, note in _structure_rows(ck.stored_tree) if note],
     }
     if as_json:
         print(json.dumps(summary, indent=2))
@@ -126,10 +127,10 @@ def _inspect(path: str, as_json: bool) -> int:
     for column in ("key path", "kind", "shape", "dtype", "bytes", "format / value"):
         table.add_column(column)
     by_path = {leaf["path"]: leaf for leaf in leaves}
-    for key_path, kind in _structure_rows(ck.stored_tree):
-        leaf = by_path.get(key_path)
-        if leaf is None:  # None, or an empty container: part of the tree, holds no data
-            table.add_row(key_path, kind, "", "", "", "")
+    for key_path, kind, note in _structure_rows(ck.stored_tree):
+        leaf = None if note else by_path.get(key_path)
+        if leaf is None:  # None, an empty container or a pytree node's header: part of the tree, holds no data
+            table.add_row(key_path, kind, "", "", "", note)
         elif "shape" in leaf:
             table.add_row(key_path, leaf["kind"], str(tuple(leaf["shape"])), leaf["dtype"], _human(leaf["bytes"]), leaf["format"])
         else:
@@ -138,19 +139,29 @@ def _inspect(path: str, as_json: bool) -> int:
     return 0
 
 
-def _structure_rows(node: dict[str, Any], path: tuple[str | int, ...] = ()) -> list[tuple[str, str]]:
-    """(key path, kind) of every leaf, None and empty container, in tree order."""
+def _structure_rows(node: dict[str, Any], path: tuple[str | int, ...] = ()) -> list[tuple[str, str, str]]:
+    """(key path, kind, note) of every leaf, None and empty container, in tree order.
+
+    A JAX pytree node (a Flax ``TrainState``...) gets a row of its own before its children,
+    with its saved type name as the note (display only: it is never imported).
+    """
     from ckptcore.tree.keys import format_key_path
     from ckptcore.tree.nodes import children
 
     kind = node["type"]
     if kind == "leaf":
-        return [(format_key_path(path), str(node.get("kind")))]
+        return [(format_key_path(path), str(node.get("kind")), "")]
     if kind == "none":
-        return [(format_key_path(path), "None")]
+        return [(format_key_path(path), "None", "")]
     kids = children(node)
+    if kind == "node":
+        note = str(node.get("node_type", ""))
+        if not kids:
+            return [(format_key_path(path), "empty node", note)]
+        header = (format_key_path(path), "node", note)
+        return [header, *(row for key, child in kids for row in _structure_rows(child, (*path, key)))]
     if not kids:
-        return [(format_key_path(path), f"empty {kind}")]
+        return [(format_key_path(path), f"empty {kind}", "")]
     return [row for key, child in kids for row in _structure_rows(child, (*path, key))]
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from ckptcore.tree.dtypes import dtype_from_name
 from ckptcore.tree.keys import KeyPath
-from ckptcore.tree.nodes import ARRAY_KINDS, Node, build_container, children, decode_scalar
+from ckptcore.tree.nodes import ARRAY_KINDS, Node, build_container, children, decode_scalar, is_index_keyed
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,31 @@ class ArrayMetadata:
     @property
     def ndim(self) -> int:
         return len(self.shape)
+
+
+class NodeMetadata(dict):  # type: ignore[type-arg]
+    """The metadata of a saved JAX pytree node (a Flax ``TrainState``, an Equinox module...).
+
+    A plain ``dict`` keyed by the node's field names or dict keys, like a restore without a
+    target returns, plus ``node_type``: the saved class's name, for display only (it is
+    never imported).
+    """
+
+    node_type: str = ""
+
+    def __init__(self, *args: Any, node_type: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.node_type = node_type
+
+
+class NodeMetadataList(list):  # type: ignore[type-arg]
+    """The metadata of a saved index-keyed JAX pytree node: a plain ``list`` plus ``node_type`` (display only)."""
+
+    node_type: str = ""
+
+    def __init__(self, *args: Any, node_type: str = "") -> None:
+        super().__init__(*args)
+        self.node_type = node_type
 
 
 @dataclass(frozen=True)
@@ -62,6 +87,11 @@ def _metadata_tree(node: Node, path: KeyPath) -> Any:
         if node.get("kind") in ARRAY_KINDS:
             return _array_metadata(node)
         return decode_scalar(path, node)
+    if node["type"] == "node":
+        values = [(k, _metadata_tree(c, (*path, k))) for k, c in children(node)]
+        if is_index_keyed(node):
+            return NodeMetadataList((v for _, v in values), node_type=node["node_type"])
+        return NodeMetadata(values, node_type=node["node_type"])
     return build_container(node, [(k, _metadata_tree(c, (*path, k))) for k, c in children(node)], path)
 
 

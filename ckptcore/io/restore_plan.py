@@ -3,6 +3,11 @@
 The planner never reads array data: it checks the target against the index (every
 missing, unexpected and mismatched key at once), and returns a skeleton of the result
 whose array leaves are placeholders that the restore fills once the reads are done.
+
+A target that is a JAX pytree node (a Flax ``TrainState``, an NNX ``State``, an Equinox
+module...) is flattened one level the way a save flattens it, its children are matched
+with the stored ones by key, and the result is rebuilt with the target's own treedef: the
+user's classes, aux data and static fields come from the target, never from the file.
 """
 
 from __future__ import annotations
@@ -19,6 +24,17 @@ from ckptcore.io import leaves as arrays
 from ckptcore.plugins.registrations import ReadRequest
 from ckptcore.tree.keys import KeyPath, format_key_path, is_safe_storage_key
 from ckptcore.tree.nodes import ARRAY_KINDS, Node, build_container, children, decode_scalar, is_namedtuple
+from ckptcore.tree.pytrees import FlatNode, flatten_node
+
+_CONTAINER_KINDS = ("dict", "list", "tuple", "namedtuple", "node")
+
+
+@dataclass
+class NodeSkeleton:
+    """A target's pytree node in a result skeleton: filled, then rebuilt with the target's treedef."""
+
+    flat: FlatNode
+    values: list[Any]
 
 
 @dataclass
@@ -56,7 +72,8 @@ class Planner:
 
     def _leaf(self, record: Node, target: Any, path: KeyPath) -> Any:
         if record.get("kind") not in ARRAY_KINDS:
-            return decode_scalar(path, record)
+            value = decode_scalar(path, record)
+            return self._scalar_onto(value, target, path) if arrays.is_jax_value(target) else value
         if not is_safe_storage_key(record.get("key")):
             raise CorruptCheckpointError(
                 f"the storage key {record.get('key')!r} of {format_key_path(path)} is invalid; the index is corrupt"
@@ -70,11 +87,34 @@ class Planner:
         self.reads.append(PendingRead(path, record, request, finish, slot))
         return slot
 
+    def _scalar_onto(self, value: Any, target: Any, path: KeyPath) -> Any:
+        """A saved scalar (e.g. ``TrainState.step`` saved before the first update) as the JAX array the target asks for."""
+        if isinstance(value, (str, bytes)) or not isinstance(value, (bool, int, float, complex, np.generic)):
+            self.mismatched.append(
+                f"{format_key_path(path)}: the target has an array, the checkpoint a {type(value).__name__}"
+            )
+            return None
+        if tuple(target.shape) != ():
+            self.mismatched.append(
+                f"shape mismatch at {format_key_path(path)}: the checkpoint holds a scalar, the target asks for "
+                f"{tuple(target.shape)}"
+            )
+            return None
+        import jax
+
+        host = np.asarray(value, dtype=target.dtype)
+        sharding = getattr(target, "sharding", None)
+        return jax.device_put(host, sharding) if sharding is not None else jax.numpy.asarray(host)
+
     def _container(self, node: Node, target: Any, path: KeyPath) -> Any:
-        saved = dict(children(node))
         kind = node["type"]
+        if not isinstance(target, (dict, list, tuple)):  # the core's own containers first
+            flat = flatten_node(target, path)
+            if flat is not None:
+                return self._node(node, flat, path)
+        saved = dict(children(node))
         if isinstance(target, Mapping):
-            if kind != "dict":
+            if kind not in ("dict", "node"):
                 self.mismatched.append(f"{format_key_path(path)}: the target has a dict, the checkpoint a {kind}")
                 return None
             out = {}
@@ -87,6 +127,8 @@ class Planner:
                 self.unexpected += [format_key_path((*path, k)) for k in saved if k not in target]
             return out if type(target) is dict else type(target)(out)  # type: ignore[call-arg]
         if isinstance(target, (list, tuple)):
+            if kind == "node":  # a pytree node saved index-keyed, restored onto a list or tuple
+                return self._sequence_from_node(saved, target, path)
             if kind not in ("list", "tuple", "namedtuple") or len(target) != len(saved):
                 self.mismatched.append(
                     f"{format_key_path(path)}: the target has a {type(target).__name__} of {len(target)}, "
@@ -103,6 +145,34 @@ class Planner:
                 f"{format_key_path(path)}: the target has a {type(target).__name__}, the checkpoint a {kind}"
             )
         return None
+
+    def _node(self, node: Node, flat: FlatNode, path: KeyPath) -> Any:
+        kind = node["type"]
+        if kind not in _CONTAINER_KINDS:
+            self.mismatched.append(f"{format_key_path(path)}: the target has a {flat.type_name}, the checkpoint a {kind}")
+            return None
+        saved = dict(children(node))
+        values: list[Any] = []
+        for key, sub in zip(flat.keys, flat.children, strict=True):
+            if key not in saved:
+                self.missing.append(format_key_path((*path, key)))
+                values.append(None)
+                continue
+            values.append(self.plan(saved[key], sub, (*path, key), True))
+        if not self.partial:
+            wanted = set(flat.keys)
+            self.unexpected += [format_key_path((*path, k)) for k in saved if k not in wanted]
+        return NodeSkeleton(flat, values)
+
+    def _sequence_from_node(self, saved: dict[str | int, Node], target: Any, path: KeyPath) -> Any:
+        if set(saved) != set(range(len(target))):
+            self.mismatched.append(
+                f"{format_key_path(path)}: the target has a {type(target).__name__} of {len(target)}, the checkpoint "
+                f"a pytree node with keys {sorted(saved, key=str)[:8]}"
+            )
+            return None
+        values = [self.plan(saved[i], t, (*path, i), True) for i, t in enumerate(target)]
+        return type(target)(*values) if is_namedtuple(target) else type(target)(values)
 
     def raise_if_mismatched(self, url: str) -> None:
         problems = []
@@ -126,6 +196,8 @@ class Planner:
 def fill(skeleton: Any, slots: set[int]) -> Any:
     if isinstance(skeleton, list) and id(skeleton) in slots:
         return skeleton[0]
+    if isinstance(skeleton, NodeSkeleton):
+        return skeleton.flat.unflatten([fill(v, slots) for v in skeleton.values])
     if isinstance(skeleton, dict):
         filled = {k: fill(v, slots) for k, v in skeleton.items()}
         return filled if type(skeleton) is dict else type(skeleton)(filled)

@@ -4,6 +4,11 @@ The stored tree keeps the exact structure: dicts with their key types and order,
 tuples, namedtuples (by name and fields), ``None`` and empty containers. Scalars and
 strings are stored inline; arrays are stored by the array formats and appear in the
 tree as records that point at them.
+
+When JAX is imported, any other pytree node it can flatten (a Flax ``TrainState``, an NNX
+``State``, an Equinox module, a registered dataclass...) is stored as a ``"node"``: its
+children keyed by field name, dict key or index (see :mod:`ckptcore.tree.pytrees`), and
+its type name for display only. Nothing named in a checkpoint is ever imported.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import numpy as np
 
 from ckptcore.errors import CorruptCheckpointError, UnsupportedLeafError
 from ckptcore.tree.keys import KeyPath, format_key_path
+from ckptcore.tree.pytrees import KEY_KINDS, flatten_node
 
 Node = dict[str, Any]
 ARRAY_KINDS = ("ndarray", "jax_array", "jax_prng_key")
@@ -54,6 +60,16 @@ def encode_tree(tree: Any, encode_leaf: Callable[[KeyPath, Any], Node], path: Ke
     if type(tree) in (list, tuple):
         kind = "list" if isinstance(tree, list) else "tuple"
         return {"type": kind, "items": [encode_tree(v, encode_leaf, (*path, i)) for i, v in enumerate(tree)]}
+    flat = flatten_node(tree, path)
+    if flat is not None:
+        return {
+            "type": "node",
+            "node_type": flat.type_name,
+            "items": [
+                {"key": key, "key_kind": kind, "value": encode_tree(child, encode_leaf, (*path, key))}
+                for key, kind, child in zip(flat.keys, flat.key_kinds, flat.children, strict=True)
+            ],
+        }
     record = encode_leaf(path, tree)  # kept by identity: array records are completed after writing
     record["type"] = "leaf"
     return record
@@ -64,7 +80,7 @@ def iter_leaves(node: Node, path: KeyPath = ()) -> Iterator[tuple[KeyPath, Node]
     kind = node.get("type")
     if kind == "leaf":
         yield path, node
-    elif kind == "dict":
+    elif kind in ("dict", "node"):
         for item in node["items"]:
             yield from iter_leaves(item["value"], (*path, item["key"]))
     elif kind == "namedtuple":
@@ -78,7 +94,7 @@ def iter_leaves(node: Node, path: KeyPath = ()) -> Iterator[tuple[KeyPath, Node]
 def children(node: Node) -> list[tuple[str | int, Node]]:
     """The (key, child) pairs of a container node."""
     kind = node["type"]
-    if kind == "dict":
+    if kind in ("dict", "node"):
         return [(item["key"], item["value"]) for item in node["items"]]
     if kind == "namedtuple":
         return list(zip(node["fields"], node["items"], strict=True))
@@ -88,10 +104,16 @@ def children(node: Node) -> list[tuple[str | int, Node]]:
 
 
 def build_container(node: Node, values: list[tuple[str | int, Any]], path: KeyPath) -> Any:
-    """The Python container a stored node describes, filled with ``values``."""
+    """The Python container a stored node describes, filled with ``values``.
+
+    A pytree ``"node"`` (whose class is never imported) becomes a list when all its
+    children are index-keyed, else a dict keyed by its field names or dict keys.
+    """
     kind = node["type"]
     if kind == "dict":
         return {k: v for k, v in values}
+    if kind == "node":
+        return [v for _, v in values] if is_index_keyed(node) else {k: v for k, v in values}
     if kind == "list":
         return [v for _, v in values]
     if kind == "tuple":
@@ -99,6 +121,12 @@ def build_container(node: Node, values: list[tuple[str | int, Any]], path: KeyPa
     if kind == "namedtuple":
         return _namedtuple_class(node, path)(*(v for _, v in values))
     raise CorruptCheckpointError(f"unknown node type {kind!r} at {format_key_path(path)} in checkpoint index")
+
+
+def is_index_keyed(node: Node) -> bool:
+    """Whether a stored pytree node's children are all keyed by index (it restores as a list)."""
+    items = node["items"]
+    return bool(items) and all(item["key_kind"] == "index" for item in items)
 
 
 def _namedtuple_class(node: Node, path: KeyPath) -> type:
@@ -197,7 +225,7 @@ def validate_tree(node: Any, path: KeyPath = ()) -> None:
                 _validate_array_record(node, path)
             continue
         items = node.get("items") if isinstance(node, dict) else None
-        if kind not in ("dict", "list", "tuple", "namedtuple") or not isinstance(items, list):
+        if kind not in ("dict", "list", "tuple", "namedtuple", "node") or not isinstance(items, list):
             raise CorruptCheckpointError(
                 f"malformed tree node (type {kind!r}) at {format_key_path(path)} in the checkpoint index; "
                 "the index is corrupt or was written by a newer ckptcore (pip install -U ckptcore)"
@@ -213,6 +241,10 @@ def validate_tree(node: Any, path: KeyPath = ()) -> None:
                     raise CorruptCheckpointError(f"malformed dict entry at {format_key_path(path)} in the checkpoint index")
                 stack.append((entry["value"], (*path, key)))  # type: ignore[arg-type]  # key checked above
             continue
+        if kind == "node":
+            _validate_node(node, items, path)
+            stack.extend((item["value"], (*path, item["key"])) for item in items)
+            continue
         if kind == "namedtuple":
             _namedtuple_class(node, path)  # raises on fields that are not plain identifiers
             if len(node["fields"]) != len(items):
@@ -220,6 +252,29 @@ def validate_tree(node: Any, path: KeyPath = ()) -> None:
             stack.extend((child, (*path, name)) for name, child in zip(node["fields"], items, strict=True))
             continue
         stack.extend((child, (*path, i)) for i, child in enumerate(items))
+
+
+def _validate_node(node: Node, items: list[Any], path: KeyPath) -> None:
+    where = format_key_path(path)
+    if not isinstance(node.get("node_type"), str):
+        raise CorruptCheckpointError(f"the pytree node at {where} in the checkpoint index has no node_type; the index is corrupt")
+    keys = set()
+    for item in items:
+        entry: dict[str, Any] = item if isinstance(item, dict) else {}
+        key, kind = entry.get("key"), entry.get("key_kind")
+        ok = kind in KEY_KINDS and "value" in entry and not isinstance(key, bool) and (
+            (kind == "attr" and isinstance(key, str))
+            or (kind == "index" and isinstance(key, int))
+            or (kind == "dict" and isinstance(key, (str, int)))
+        )
+        if not ok:
+            raise CorruptCheckpointError(
+                f"malformed child {key!r} (key_kind {kind!r}) of the pytree node at {where} in the checkpoint index; "
+                "the index is corrupt or was written by a newer ckptcore (pip install -U ckptcore)"
+            )
+        if key in keys:
+            raise CorruptCheckpointError(f"the pytree node at {where} has the key {key!r} twice; the index is corrupt")
+        keys.add(key)
 
 
 def _validate_array_record(record: Node, path: KeyPath) -> None:
