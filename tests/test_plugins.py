@@ -275,3 +275,226 @@ def test_missing_plugin_error_names_an_installed_but_blocked_plugin():
     env = {**os.environ, "CKPTCORE_BLOCK_PLUGINS": "posix"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
     assert "installed but not loaded: posix (ckptcore-posix): blocked by CKPTCORE_BLOCK_PLUGINS" in out
+
+
+# -- hooks go through pluggy; every failure names its plugin (issue 10, item 5) -----------
+
+
+class ValidFormat:
+    def write(self, location, requests, options):
+        raise AssertionError("not used")
+
+    def read(self, location, requests, options):
+        raise AssertionError("not used")
+
+
+def test_index_metadata_that_raises_is_a_plugin_error_naming_plugin_and_hook(tmp_path):
+    class Quiet:
+        @hookimpl
+        def ckptcore_index_metadata(self, context):
+            return None  # abstains: must not shift the others' answers
+
+    class Broken:
+        @hookimpl
+        def ckptcore_index_metadata(self, context):
+            raise KeyError("hostname")
+
+    ckptcore.register_plugin(Quiet(), name="quiet")
+    ckptcore.save(tmp_path / "ok", {"a": 1})
+    meta = ckptcore.info(tmp_path / "ok").plugin_metadata
+    assert "quiet" not in meta and "ckptcore.plugins.builtin" in meta
+    ckptcore.register_plugin(Broken(), name="broken-meta")
+    with pytest.raises(errors.PluginError) as err:
+        ckptcore.save(tmp_path / "ck", {"a": 1})
+    message = str(err.value)
+    assert "'broken-meta'" in message and "(registered in process)" in message
+    assert "ckptcore_index_metadata" in message and "KeyError" in message and "hostname" in message
+    assert "update or block it (CKPTCORE_BLOCK_PLUGINS=broken-meta)" in message
+    assert isinstance(err.value.__cause__, KeyError)
+    assert not (tmp_path / "ck").exists()
+
+
+def test_firstresult_hook_that_raises_names_the_plugin_among_several(tmp_path):
+    class BadDefault:
+        @hookimpl(tryfirst=True)
+        def ckptcore_default_array_format(self):
+            return {"not": "a name"}["name"]
+
+    ckptcore.register_plugin(BadDefault(), name="bad-default")
+    with pytest.raises(errors.PluginError, match=r"'bad-default'.*raised in ckptcore_default_array_format: KeyError"):
+        ckptcore.save(tmp_path / "ck", {"a": np.ones(2)})
+    ckptcore.save(tmp_path / "ck", {"a": np.ones(2)}, format="ocdbt")  # an explicit format needs no default
+
+
+def test_hook_wrappers_run_around_each_answer_and_results_are_cached():
+    seen = []
+
+    class Wrapper:
+        @hookimpl(wrapper=True)
+        def ckptcore_array_formats(self):
+            answer = yield
+            seen.append(answer)
+            return answer
+
+    class Counted:
+        calls = 0
+
+        @hookimpl
+        def ckptcore_array_formats(self):
+            Counted.calls += 1
+            return [ArrayFormatRegistration(name="counted", format=ValidFormat())]
+
+    ckptcore.register_plugin(Wrapper(), name="wrapper")
+    ckptcore.register_plugin(Counted(), name="counted")
+    assert registry().array_format("counted").distribution == "(registered in process)"
+    assert registry().array_format("ocdbt").distribution == "ckptcore-zarr3"
+    assert Counted.calls == 1  # registrations are collected once...
+    assert any(r.name == "counted" for answer in seen for r in answer[0])  # ...through the plugin's wrapper
+    ckptcore.unregister_plugin("counted")
+    with pytest.raises(errors.MissingPluginError):
+        registry().array_format("counted")  # ...and collected again after a change
+
+
+def test_misspelled_hook_in_process_is_a_plugin_error():
+    class Misspelled:
+        @hookimpl
+        def ckptcore_array_format(self):
+            return []
+
+    with pytest.raises(errors.PluginError) as err:
+        ckptcore.register_plugin(Misspelled(), name="misspelled")
+    message = str(err.value)
+    assert "'misspelled'" in message and "(registered in process)" in message
+    assert "unknown hook ckptcore_array_format (did you mean ckptcore_array_formats?)" in message
+    assert "misspelled" not in {i.name for i in ckptcore.list_plugins()}
+    assert registry().array_format("ocdbt").distribution == "ckptcore-zarr3"
+
+    class Fixed:
+        @hookimpl
+        def ckptcore_array_formats(self):
+            return []
+
+    assert ckptcore.register_plugin(Fixed(), name="misspelled") == "misspelled"  # nothing was left behind
+
+
+MISSPELLED_PLUGIN = """
+    from ckptcore import hookimpl
+
+    @hookimpl
+    def ckptcore_array_format():
+        return []
+
+    @hookimpl
+    def ckptcore_storage_backends():
+        raise AssertionError("a skipped plugin is never called")
+"""
+
+
+def test_misspelled_hook_in_an_entry_point_plugin_skips_it_with_a_logged_error(site, tmp_path, caplog):
+    fake_distribution(site, "ckptcore-typo", {"typo": "fake_ckpt_typo"}, {"fake_ckpt_typo": MISSPELLED_PLUGIN})
+    importlib.invalidate_caches()
+    reset_registry()
+    with caplog.at_level(logging.ERROR, logger="ckptcore.plugins.manager"):
+        infos = {i.name: i for i in ckptcore.list_plugins()}
+    assert infos["typo"].status == "failed: unknown hook ckptcore_array_format (did you mean ckptcore_array_formats?)"
+    assert infos["typo"].distribution == "ckptcore-typo"
+    assert any(r.levelno == logging.ERROR and "ckptcore-typo" in r.getMessage() for r in caplog.records)
+    assert "ckptcore_array_format" in caplog.text
+    ckptcore.save(tmp_path / "ck", {"a": np.arange(3)})  # the others keep working
+    assert ckptcore.restore(tmp_path / "ck")["a"].tolist() == [0, 1, 2]
+    out = subprocess.run([sys.executable, "-m", "ckptcore", "plugins", "--json"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(site)}, timeout=120)
+    shown = {p["name"]: p["status"] for p in json.loads(out.stdout)}
+    assert shown["typo"] == infos["typo"].status
+
+
+INVALID_REGISTRATIONS = """
+    from ckptcore import hookimpl
+    from ckptcore.plugins.registrations import ArrayFormatRegistration, StorageRegistration
+
+    class WriteOnly:
+        def write(self, location, requests, options):
+            return []
+
+    @hookimpl
+    def ckptcore_array_formats():
+        return [ArrayFormatRegistration(name="write-only", format=WriteOnly())]
+
+    @hookimpl
+    def ckptcore_storage_backends():
+        return [ArrayFormatRegistration(name="wrong-type", format=WriteOnly())]
+"""
+
+
+def test_registrations_are_validated_against_their_protocols(site):
+    fake_distribution(site, "ckptcore-halfdone", {"halfdone": "fake_ckpt_halfdone"},
+                      {"fake_ckpt_halfdone": INVALID_REGISTRATIONS})
+    importlib.invalidate_caches()
+    reset_registry()
+    with pytest.raises(errors.PluginError) as err:
+        registry().array_format("write-only")
+    message = str(err.value)
+    assert "'halfdone' (ckptcore-halfdone 1.2.3)" in message and "ckptcore_array_formats" in message
+    assert "its format object (WriteOnly) has no read()" in message and "CKPTCORE_BLOCK_PLUGINS=halfdone" in message
+    with pytest.raises(errors.PluginError, match=r"ckptcore-halfdone.*ArrayFormatRegistration.*StorageRegistration"):
+        registry().storage("file")
+
+
+def test_registration_fields_check_themselves():
+    class BadFields:
+        @hookimpl
+        def ckptcore_storage_backends(self):
+            return [StorageRegistration(schemes="gs", backend=object())]
+
+    with pytest.raises(TypeError, match="tuple of names"):
+        StorageRegistration(schemes="gs", backend=object())
+    with pytest.raises(TypeError, match="version must be an integer"):
+        ArrayFormatRegistration(name="x", format=ValidFormat(), version=0)
+    assert StorageRegistration(schemes=["a", "b"], backend=object()).schemes == ("a", "b")
+    ckptcore.register_plugin(BadFields(), name="bad-fields")
+    with pytest.raises(errors.PluginError, match=r"'bad-fields'.*raised in ckptcore_storage_backends: TypeError"):
+        registry().storage("file")
+
+
+def test_a_plugin_whose_core_range_excludes_this_core_is_skipped(site, tmp_path, caplog):
+    fake_distribution(site, "ckptcore-ancient", {"ancient": "fake_ckpt_ancient"},
+                      {"fake_ckpt_ancient": "raise AssertionError('an incompatible plugin is never imported')\n"})
+    metadata_file = next(site.glob("ckptcore_ancient-*.dist-info")) / "METADATA"
+    metadata_file.write_text(metadata_file.read_text() + "Requires-Dist: ckptcore<0.0.1\n")
+    importlib.invalidate_caches()
+    reset_registry()
+    with caplog.at_level(logging.WARNING, logger="ckptcore.plugins.manager"):
+        infos = {i.name: i for i in ckptcore.list_plugins()}
+    status = infos["ancient"].status
+    assert status.startswith("incompatible: ckptcore-ancient 1.2.3 requires ckptcore<0.0.1; this is ckptcore ")
+    assert "ckptcore-ancient" in caplog.text and "skipped" in caplog.text
+    with pytest.raises(errors.MissingPluginError, match=r"installed but not loaded: ancient \(ckptcore-ancient\): incompatible"):
+        ckptcore.restore("hdfs://x/y")
+    ckptcore.save(tmp_path / "ck", {"a": 1})
+
+
+def test_missing_plugin_messages_come_from_the_hint_table(monkeypatch):
+    from ckptcore.plugins import hints
+
+    assert hints.scheme_hint("gs") == "`gs://` needs the gcs plugin: pip install 'ckptcore[gcs]'"
+    assert hints.scheme_hint("file").endswith("part of every ckptcore install: pip install ckptcore-posix")
+    assert hints.format_hint("ocdbt") == "pip install ckptcore-zarr3"
+    monkeypatch.setitem(hints.KNOWN_SCHEMES, "hdfs", hints.KnownPlugin("ckptcore-hdfs", "pip install ckptcore-hdfs",
+                                                                       "`hdfs://` needs the hdfs plugin"))
+    with pytest.raises(errors.MissingPluginError, match=r"`hdfs://` needs the hdfs plugin: pip install ckptcore-hdfs"):
+        ckptcore.restore("hdfs://x/y")
+
+
+def test_a_backend_that_resolves_to_something_else_than_a_location_is_named():
+    class OldStyle:
+        def resolve(self, url, options):
+            return {"driver": "file", "path": "/tmp/x/"}
+
+    class OldStylePlugin:
+        @hookimpl
+        def ckptcore_storage_backends(self):
+            return [StorageRegistration(schemes=("oldstyle",), backend=OldStyle())]
+
+    ckptcore.register_plugin(OldStylePlugin(), name="oldstyle")
+    with pytest.raises(errors.PluginError, match=r"\(registered in process\).*oldstyle://.*returned dict.*StorageAddress"):
+        ckptcore.restore("oldstyle://x")

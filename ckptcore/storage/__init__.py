@@ -6,6 +6,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from ckptcore.errors import PluginError
+from ckptcore.plugins.address import StorageAddress
 from ckptcore.plugins.manager import registry
 from ckptcore.plugins.registrations import AtomicCommit, Location
 
@@ -24,7 +26,16 @@ def resolve(url: str | os.PathLike[str], options: Mapping[str, Any] | None = Non
         text = os.path.abspath(os.path.expanduser(text))
     text = text.rstrip("/") or "/"
     reg = registry().storage(split_scheme(text))
-    return reg.backend.resolve(text, dict(options or {}))
+    location = reg.backend.resolve(text, dict(options or {}))
+    if not isinstance(location, Location) or not isinstance(location.address, StorageAddress):
+        got = f"a Location whose address is {type(location.address).__name__}" if isinstance(location, Location) else (
+            type(location).__name__
+        )
+        raise PluginError(
+            f"the storage backend of {reg.distribution} {reg.version} for {split_scheme(text)}:// returned {got} "
+            "from resolve(), where a Location with a StorageAddress belongs; update or block it (CKPTCORE_BLOCK_PLUGINS)"
+        )
+    return location
 
 
 def atomicity(location: Location) -> AtomicCommit:

@@ -160,3 +160,31 @@ def test_reading_a_missing_array_fails(tmp_path, fmt):
     with pytest.raises(Exception) as err:
         impl.read(loc, [_read("absent", (100_000,), np.float64, {"chunks": [100_000], "compression": "none"})], {})
     assert "absent" in str(err.value) or "NOT_FOUND" in str(err.value)
+
+
+def test_storage_addresses_become_tensorstore_kvstore_specs(monkeypatch):
+    from ckptcore_zarr3.kvstore import kvstore_spec
+
+    monkeypatch.delenv("TENSORSTORE_GCS_HTTP_URL", raising=False)  # a gs spec sets it; restored afterwards
+
+    from ckptcore.errors import StorageError
+    from ckptcore.plugins.address import RetryPolicy
+
+    assert kvstore_spec(StorageAddress(scheme="file", path="/data/ck")) == {"driver": "file", "path": "/data/ck/"}
+    s3 = StorageAddress(scheme="s3", bucket="b", path="run/7/", endpoint="http://127.0.0.1:9000", region="eu-west-3",
+                        retry=RetryPolicy(retries=2), request_concurrency=8, credentials={"anon": True})
+    spec = kvstore_spec(s3)
+    assert spec["endpoint"] == "http://127.0.0.1:9000" and spec["aws_region"] == "eu-west-3"
+    assert spec["context"]["s3_request_retries"]["max_retries"] == 3
+    assert spec["context"]["s3_request_concurrency"] == {"limit": 8}
+    assert spec["context"]["aws_credentials"] == {"type": "anonymous"}
+    assert kvstore_spec(s3.child("item"))["path"] == "run/7/item/" and s3.child("item").parent() == s3
+    assert "endpoint" not in kvstore_spec(StorageAddress(scheme="s3", bucket="b", path=""))
+    keys = kvstore_spec(StorageAddress(scheme="s3", bucket="b", path="", credentials={"key": "K", "secret": "S"}))
+    with open(keys["context"]["aws_credentials"]["credentials_file"]) as f:
+        assert "aws_access_key_id = K" in f.read()
+    assert "secret" not in repr(StorageAddress(scheme="s3", path="", credentials={"secret": "x"}))
+    gcs = kvstore_spec(StorageAddress(scheme="gs", bucket="g", path="a/", options={"user_project": "p"}))
+    assert gcs["driver"] == "gcs" and gcs["context"]["gcs_user_project"] == {"project_id": "p"}
+    with pytest.raises(StorageError, match="cannot reach storage of kind 'hdfs'"):
+        kvstore_spec(StorageAddress(scheme="hdfs", path="x/"))
