@@ -33,7 +33,7 @@ class ArrayFormatRecord(msgspec.Struct, kw_only=True):
 
 
 class Index(msgspec.Struct, kw_only=True):
-    """``ckptcore_index.json``: one per checkpoint (and per item of a manager step)."""
+    """One per checkpoint (and per item of a manager step): the tree and what wrote it."""
 
     format: Annotated[Literal["ckptcore-checkpoint"], _doc("what this file is")]
     format_version: Annotated[int, _doc(f"the index layout ({FORMAT_VERSION}); a newer one asks to upgrade ckptcore")]

@@ -38,7 +38,7 @@ def _doc(text: str) -> msgspec.Meta:
 
 
 class RootDoc(msgspec.Struct, kw_only=True):
-    """``ckptcore_manager.json``: written once, when a manager first sets the directory up."""
+    """Written once, when a manager first sets the directory up."""
 
     format: Annotated[Literal["ckptcore-manager"], _doc("what this file is")]
     format_version: Annotated[int, _doc(f"the manager layout ({FORMAT_VERSION}); a newer one asks to upgrade")]
@@ -62,7 +62,7 @@ class StepItem(msgspec.Struct, kw_only=True):
 
 
 class StepDoc(msgspec.Struct, kw_only=True):
-    """``<step>/ckptcore_step.json``: written last into a step, just before it is committed."""
+    """Written last into a step, just before the step is committed."""
 
     format: Annotated[Literal["ckptcore-step"], _doc("what this file is")]
     format_version: Annotated[int, _doc(f"the manager layout ({FORMAT_VERSION}); a newer one asks to upgrade")]

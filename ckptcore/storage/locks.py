@@ -37,8 +37,8 @@ READERS_DIR = ".ckptcore-readers"
 
 
 class LeaseFile(msgspec.Struct, kw_only=True):
-    """A lease file, writer lock or reader lease. Every field may be missing when read: a
-    lease without a valid ``expires`` is expired."""
+    """A writer lock or a reader lease. Every field may be missing when read: a lease
+    without a valid `expires` is expired."""
 
     kind: Annotated[Literal["writer", "reader"] | None, msgspec.Meta(description="`writer` or `reader`")] = None
     step: Annotated[
