@@ -36,6 +36,9 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
+# -- storage and atomicity -----------------------------------------------------------------
+
+
 @hookspec
 def ckptcore_storage_backends() -> Sequence[StorageRegistration]:
     """Storage: name the URL schemes this plugin serves and how to reach them.
@@ -90,6 +93,9 @@ def ckptcore_atomicity_strategies() -> Sequence[AtomicityRegistration]:
     """
 
 
+# -- path naming ---------------------------------------------------------------------------
+
+
 @hookspec
 def ckptcore_step_layouts() -> Sequence[StepLayoutRegistration]:
     """Path naming: how step numbers map to directory names in a manager's root.
@@ -108,6 +114,9 @@ def ckptcore_step_layouts() -> Sequence[StepLayoutRegistration]:
         def ckptcore_step_layouts():
             return [StepLayoutRegistration(name="dated", layout=DatedLayout())]
     """
+
+
+# -- array serialization -------------------------------------------------------------------
 
 
 @hookspec
@@ -145,6 +154,9 @@ def ckptcore_default_array_format() -> str | None:
         def ckptcore_default_array_format():
             return "npy"
     """
+
+
+# -- metadata ------------------------------------------------------------------------------
 
 
 @hookspec
