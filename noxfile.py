@@ -22,8 +22,9 @@ DEFAULT_PLUGINS = ["-e", "./plugins/posix", "-e", "./plugins/zarr3", "-e", "./te
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    session.install("ruff>=0.6")
+    session.install("ruff>=0.6", "import-linter>=2.1", "-e", ".", *DEFAULT_PLUGINS)
     session.run("ruff", "check", "ckptcore", "plugins", "tests", "benchmarks", "noxfile.py", "conftest.py")
+    session.run("lint-imports")  # the layering contracts in pyproject.toml
 
 
 @nox.session(python=PYTHON)

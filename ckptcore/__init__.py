@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptcore import errors
 from ckptcore.errors import CheckpointError
-
-__version__ = "0.1.0"
+from ckptcore.version import __version__
 
 # public name -> module that defines it (imported on first access)
 _LAZY = {
@@ -37,9 +36,9 @@ _LAZY = {
     "ArrayFormatRegistration": "ckptcore.plugins.registrations",
     "SaveContext": "ckptcore.plugins.registrations",
     "clean": "ckptcore.storage.cleanup",
-    "MultiprocessOptions": "ckptcore.parallel.jax_coordinator",
-    "multiprocess_options": "ckptcore.parallel.jax_coordinator",
-    "set_multiprocess_options": "ckptcore.parallel.jax_coordinator",
+    "MultiprocessOptions": "ckptcore.parallel.options",
+    "multiprocess_options": "ckptcore.parallel.options",
+    "set_multiprocess_options": "ckptcore.parallel.options",
     "CheckpointManager": "ckptcore.manager.manager",
     "CheckpointManagerOptions": "ckptcore.manager.options",
     "Composite": "ckptcore.manager.composite",
@@ -62,7 +61,7 @@ if TYPE_CHECKING:
     from ckptcore.manager.evaluation import checkpoints_iterator, wait_for_new_checkpoint
     from ckptcore.manager.manager import CheckpointManager
     from ckptcore.manager.options import CheckpointManagerOptions
-    from ckptcore.parallel.jax_coordinator import MultiprocessOptions, multiprocess_options, set_multiprocess_options
+    from ckptcore.parallel.options import MultiprocessOptions, multiprocess_options, set_multiprocess_options
     from ckptcore.plugins.hookspecs import hookimpl
     from ckptcore.plugins.manager import PluginInfo, list_plugins, register_plugin, unregister_plugin
     from ckptcore.plugins.registrations import (

@@ -14,7 +14,8 @@ from ckptcore import progress as progress_lib
 from ckptcore.io import gcpause
 from ckptcore.io.metadata import ArrayMetadata, CheckpointInfo, metadata_tree
 from ckptcore.io.restore import open_committed, restore_location
-from ckptcore.io.save import prepare, write
+from ckptcore.io.save import resolve, snapshot, write
+from ckptcore.parallel.current import current_coordinator
 from ckptcore.plugins.registrations import ProgressCallback
 from ckptcore.tree.keys import format_key_path
 from ckptcore.tree.nodes import iter_leaves
@@ -47,9 +48,12 @@ def save(
     """
     with gcpause.paused(), progress_lib.resolve(progress, f"saving {path}") as callback:
         # gcpause: a blocking call whose many short-lived objects need no collection
+        coordinator = current_coordinator()
+        operation = coordinator.operation("save", "a collective save")  # every process in the same order
+        prepared = snapshot(state, operation)
         write(
-            prepare(state, copy=False), path, force=force, format=format, format_options=format_options,
-            metadata=metadata, storage_options=storage_options, progress=callback,
+            prepared, resolve(path, storage_options, operation), operation=operation, coordinator=coordinator,
+            force=force, format=format, format_options=format_options, metadata=metadata, progress=callback,
         )
 
 
@@ -100,5 +104,6 @@ def restore(
         # gcpause: a blocking call whose many short-lived objects need no collection
         location, doc = open_committed(path, storage_options)
         return restore_location(
-            location, doc, target, partial=partial, max_bytes_in_flight=max_bytes_in_flight, progress=callback
+            location, doc, target, partial=partial, max_bytes_in_flight=max_bytes_in_flight, progress=callback,
+            coordinator=current_coordinator(),
         )

@@ -62,8 +62,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import ckptcore  # noqa: E402
-from ckptcore.parallel import jax_coordinator as distributed
-from ckptcore.parallel import preemption
+from ckptcore.parallel import preemption  # noqa: E402
 from ckptcore.plugins.hookspecs import hookimpl  # noqa: E402
 from ckptcore.plugins.registrations import ArrayFormatRegistration  # noqa: E402
 
@@ -253,7 +252,7 @@ def scenario_kill() -> None:
     """The process ``victim`` dies inside its write; the others must fail, not hang."""
     COUNTING.die_in_write = ME == CONFIG["victim"]
     mesh = make_mesh(CONFIG["mesh"])
-    with distributed.multiprocess_options(timeout_s=CONFIG["timeout_s"]):
+    with ckptcore.multiprocess_options(timeout_s=CONFIG["timeout_s"]):
         ckptcore.save(CONFIG["path"], make_state(mesh), format="counted")
     RESULT["saved"] = True
 
@@ -267,7 +266,7 @@ def scenario_subset() -> None:
     devices = [d for d in jax.devices() if d.process_index in active]
     mesh = jax.make_mesh((len(active), len(devices) // len(active)), ("data", "model"), devices=devices)
     path = f"{CONFIG['dir']}/subset"
-    with distributed.multiprocess_options(processes=active, primary=active[-1]):
+    with ckptcore.multiprocess_options(processes=active, primary=active[-1]):
         ckptcore.save(path, make_state(mesh, step=5))
         RESULT["subset_checked"] = check_state(ckptcore.restore(path, make_target(mesh)), mesh, step=5)
 
@@ -297,7 +296,7 @@ def scenario_manager() -> None:
         max_to_keep=2, save_interval_steps=2, enable_async_checkpointing=CONFIG.get("async", False)
     )
     root = f"{CONFIG['dir']}/run"
-    with distributed.multiprocess_options(timeout_s=20), ckptcore.CheckpointManager(root, options) as mgr:
+    with ckptcore.multiprocess_options(timeout_s=20), ckptcore.CheckpointManager(root, options) as mgr:
         saved = []
         for step in range(7):
             if mgr.save(step, make_state(mesh, step=step), metrics={"loss": 1.0 / (step + 1)}):
@@ -329,7 +328,7 @@ def scenario_preemption() -> None:
 
     mgr = ckptcore.CheckpointManager(f"{CONFIG['dir']}/run", ckptcore.CheckpointManagerOptions(save_interval_steps=100))
     preemption.install_preemption_handler()
-    RESULT["sync_manager"] = preemption._sync_manager() is not None
+    RESULT["sync_manager"] = preemption.sync_manager() is not None
     stop = None
     for step in range(60):
         if step == 3 and ME == CONFIG["processes"] - 1:

@@ -22,11 +22,11 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 import ckptcore
+from ckptcore.errors import ChecksumMismatchError, TargetMismatchError
 from ckptcore.io import jax_leaves as jax_arrays
 from ckptcore.io import save as saving
-from ckptcore.errors import ChecksumMismatchError, TargetMismatchError
-from ckptcore.plugins.hookspecs import hookimpl
 from ckptcore.io.index import INDEX_FILE
+from ckptcore.plugins.hookspecs import hookimpl
 from ckptcore.plugins.registrations import ArrayFormatRegistration
 
 SHAPE = (256, 256)  # 256 KiB of float32: above SMALL_GATHER_BYTES, so shards are written and read one by one
@@ -375,7 +375,9 @@ def test_prepared_snapshot_survives_deleting_the_arrays(tmp_path):
     value = jax.device_put(data(), sharding)
     prepared = saving.prepare({"w": value, "k": jax.random.key(1)}, copy=True)
     value.delete()  # e.g. donated to the next training step while the save runs in the background
-    saving.write(prepared, tmp_path / "ck")
+    from ckptcore import storage
+
+    saving.write(prepared, storage.resolve(tmp_path / "ck"))
     np.testing.assert_array_equal(np.asarray(ckptcore.restore(tmp_path / "ck")["w"]), data())
 
 

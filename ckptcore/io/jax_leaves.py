@@ -50,7 +50,8 @@ from typing import Any
 import numpy as np
 
 from ckptcore.errors import ChecksumMismatchError, CorruptCheckpointError, TargetMismatchError, UnsupportedLeafError
-from ckptcore.io import leaves as arrays
+from ckptcore.io import checksums
+from ckptcore.io import plans as arrays
 from ckptcore.plugins.registrations import Index, ReadRequest, Shard, WriteRequest
 from ckptcore.tree.dtypes import dtype_name, is_supported_array_dtype
 from ckptcore.tree.keys import KeyPath, format_key_path, storage_key
@@ -352,7 +353,7 @@ def _expected_checksums(record: dict[str, Any]) -> dict[RegionKey, str]:
 
 
 def _verify(where: str, record: dict[str, Any], data: np.ndarray, expected: str | None) -> None:
-    if expected is not None and not arrays.checksum_matches(data, expected):
+    if expected is not None and not checksums.matches(data, expected):
         raise ChecksumMismatchError(
             f"array {where} (storage key {record['key']!r}) does not match its checksum; "
             "the stored data is corrupt. Restore from another checkpoint."

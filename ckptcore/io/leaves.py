@@ -1,89 +1,37 @@
 """Array leaves: turning them into write requests, and read results back into arrays.
 
-NumPy is handled here; ``jax.Array`` leaves are delegated to :mod:`ckptcore.jax_arrays`,
+NumPy is handled here; ``jax.Array`` leaves are delegated to :mod:`ckptcore.io.jax_leaves`,
 which is imported only when a JAX value is actually met (JAX stays optional).
 """
 
 from __future__ import annotations
 
-import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ckptcore.errors import ChecksumMismatchError, CorruptCheckpointError, TargetMismatchError, UnsupportedLeafError
-from ckptcore.plugins.registrations import Index, ReadRequest, Shard, WriteRequest
+from ckptcore.errors import ChecksumMismatchError, TargetMismatchError, UnsupportedLeafError
+from ckptcore.io import checksums
+from ckptcore.io.plans import (
+    Finisher,
+    PlannedWrite,
+    check_shape,
+    full_index,
+    is_jax_value,
+    jax_available,
+    target_shape_dtype,
+)
+from ckptcore.plugins.registrations import ReadRequest, Shard, WriteRequest
 from ckptcore.tree.dtypes import dtype_from_name, dtype_name, is_supported_array_dtype
 from ckptcore.tree.keys import KeyPath, format_key_path, storage_key
-
-Finisher = Callable[[list[np.ndarray]], Any]
-
-
-def is_jax_value(value: Any) -> bool:
-    """Whether ``value`` is a JAX array or abstract array, without importing JAX."""
-    module = type(value).__module__
-    return module.startswith(("jax", "jaxlib")) and hasattr(value, "shape") and hasattr(value, "dtype")
-
-
-def jax_available() -> bool:
-    """Whether JAX can be imported (without it, JAX leaves are restored as NumPy arrays)."""
-    global _JAX_AVAILABLE
-    if _JAX_AVAILABLE is None:
-        try:
-            import jax  # noqa: F401
-        except ImportError:
-            _JAX_AVAILABLE = False
-        else:
-            _JAX_AVAILABLE = True
-    return _JAX_AVAILABLE
-
-
-_JAX_AVAILABLE: bool | None = None
-
-
-def full_index(shape: tuple[int, ...]) -> Index:
-    return tuple(slice(0, n) for n in shape)
-
-
-def checksum(data: np.ndarray, algorithm: str = "crc32c") -> str:
-    """The checksum stored per leaf: ``<algorithm>:<hex>`` over the C-order bytes.
-
-    CRC-32C (hardware-accelerated, ~15 GB/s, GIL released) is written; plain CRC-32 (zlib)
-    is still understood.
-    """
-    raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8).data.toreadonly()
-    if algorithm == "crc32c":
-        import crc32c
-
-        return f"crc32c:{crc32c.crc32c(raw):08x}"
-    if algorithm == "crc32":
-        return f"crc32:{zlib.crc32(raw):08x}"
-    raise CorruptCheckpointError(f"unknown checksum algorithm {algorithm!r} in the checkpoint index")
-
-
-def checksum_matches(data: np.ndarray, expected: str) -> bool:
-    """Whether ``data`` has the checksum ``expected`` (computed with the algorithm it names)."""
-    algorithm = expected.partition(":")[0]
-    return checksum(data, algorithm) == expected
-
-
-@dataclass
-class PlannedWrite:
-    """An array leaf ready to be written: its index record (filled in as it is written)."""
-
-    path: KeyPath
-    record: dict[str, Any]
-    request: WriteRequest
 
 
 def plan_write(path: KeyPath, value: Any, *, copy: bool) -> PlannedWrite | None:
     """The write of an array leaf, or ``None`` if ``value`` is not an array."""
     if is_jax_value(value):
-        from ckptcore.io import jax_leaves as jax_arrays
+        from ckptcore.io import jax_leaves
 
-        return jax_arrays.plan_write(path, value, copy=copy)
+        return jax_leaves.plan_write(path, value, copy=copy)
     if not isinstance(value, np.ndarray):
         return None
     dtype = value.dtype
@@ -102,22 +50,14 @@ def plan_write(path: KeyPath, value: Any, *, copy: bool) -> PlannedWrite | None:
     return PlannedWrite(path, record, request)
 
 
-def target_shape_dtype(target: Any) -> tuple[tuple[int, ...], np.dtype] | None:
-    """Shape and dtype a target leaf asks for, if it is array-like."""
-    shape, dtype = getattr(target, "shape", None), getattr(target, "dtype", None)
-    if shape is None or dtype is None:
-        return None
-    return tuple(int(n) for n in shape), np.dtype(dtype)
-
-
 def plan_read(path: KeyPath, record: dict[str, Any], target: Any) -> tuple[ReadRequest, Finisher]:
     """How to read one stored array leaf into what ``target`` asks for (``None``: the default)."""
     saved_shape = tuple(record["shape"])
     saved_dtype = dtype_from_name(record["dtype"])
     if is_jax_value(target) or (target is None and record["kind"].startswith("jax") and jax_available()):
-        from ckptcore.io import jax_leaves as jax_arrays
+        from ckptcore.io import jax_leaves
 
-        return jax_arrays.plan_read(path, record, target, saved_shape, saved_dtype)
+        return jax_leaves.plan_read(path, record, target, saved_shape, saved_dtype)
     dtype = saved_dtype
     wanted = target_shape_dtype(target) if target is not None else None
     if target is not None and wanted is None:
@@ -138,7 +78,7 @@ def plan_read(path: KeyPath, record: dict[str, Any], target: Any) -> tuple[ReadR
 
     def finish(arrays: list[np.ndarray]) -> np.ndarray:
         array = arrays[0]
-        if expected is not None and not checksum_matches(array, expected):
+        if expected is not None and not checksums.matches(array, expected):
             raise ChecksumMismatchError(
                 f"array {format_key_path(path)} (storage key {record['key']!r}) does not match its checksum; "
                 "the stored data is corrupt. Restore from another checkpoint."
@@ -148,8 +88,7 @@ def plan_read(path: KeyPath, record: dict[str, Any], target: Any) -> tuple[ReadR
     return request, finish
 
 
-def check_shape(path: KeyPath, saved: tuple[int, ...], wanted: tuple[int, ...]) -> None:
-    if saved != wanted:
-        raise TargetMismatchError(
-            f"shape mismatch at {format_key_path(path)}: the checkpoint holds {saved}, the target asks for {wanted}"
-        )
+__all__ = [
+    "Finisher", "PlannedWrite", "check_shape", "full_index", "is_jax_value", "jax_available", "plan_read",
+    "plan_write", "target_shape_dtype",
+]

@@ -26,10 +26,9 @@ from ckptcore.errors import (
     PluginError,
     StorageError,
 )
-from ckptcore.io import gcpause, index, memory
+from ckptcore.io import gcpause, index, memory, multiwriter
 from ckptcore.io.restore_plan import PendingRead, Planner, fill
-from ckptcore.parallel import jax_coordinator as distributed
-from ckptcore.parallel import replicas
+from ckptcore.parallel.coordinator import LOCAL, Coordinator
 from ckptcore.plugins.manager import registry
 from ckptcore.plugins.registrations import Location, ProgressCallback, ReadRequest
 from ckptcore.tree.keys import format_key_path
@@ -71,13 +70,14 @@ def restore_location(
     partial: bool = False,
     max_bytes_in_flight: int | None = None,
     progress: ProgressCallback | None = None,
+    coordinator: Coordinator = LOCAL,
 ) -> Any:
     """Restore from a location whose index ``doc`` is already read (commit checked by the caller).
 
     For callers that commit several checkpoints as one unit, such as a manager's items.
     """
     with gcpause.paused():  # thousands of leaves: see ckptcore.gcpause
-        return _restore_location(location, doc, target, partial, max_bytes_in_flight, progress)
+        return _restore_location(location, doc, target, partial, max_bytes_in_flight, progress, coordinator)
 
 
 def _restore_location(
@@ -87,8 +87,9 @@ def _restore_location(
     partial: bool,
     max_bytes_in_flight: int | None,
     progress: ProgressCallback | None,
+    coordinator: Coordinator,
 ) -> Any:
-    target, widen = replicas.single_replica_targets(target)  # identity unless that option is on
+    target, widen = coordinator.narrow_targets(target)  # what this process reads itself (all, unless single-replica)
     planner = Planner(partial)
     skeleton = planner.plan(doc["tree"], target, (), target is not None)
     if planner.missing:  # only for "did you mean" hints: thousands of paths are costly to format
@@ -130,8 +131,8 @@ def _execute_reads(
 
 def _read_wave(fmt: Any, location: Location, name: str, wave: list[PendingRead]) -> list[list[np.ndarray]]:
     try:
-        # distributed.read_arrays: fmt.format.read, also for leaves written by several processes
-        results = distributed.read_arrays(fmt.format, location.child(name), [r.request for r in wave], {})
+        # fmt.format.read, also for leaves written by several processes
+        results = multiwriter.read_arrays(fmt.format, location.child(name), [r.request for r in wave], {})
     except CheckpointError:
         raise
     except Exception as exc:

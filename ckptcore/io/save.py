@@ -1,7 +1,13 @@
-"""Saving a pytree: snapshot it into a plan, then write the plan atomically.
+"""Saving a pytree: one walk for one process and for a ``jax.distributed`` job.
 
-The two halves are separate so that an asynchronous save can snapshot in the caller's
-thread (``prepare``) and write in the background (``write``).
+    flatten -> plan -> snapshot -> begin -> write own shards -> gather reports -> index -> commit
+
+:func:`prepare` flattens and snapshots the state in the caller's thread (an asynchronous
+save then writes in the background); :func:`write` runs the rest. What differs between one
+process and many is behind the :class:`~ckptcore.parallel.coordinator.Coordinator`: with
+the local one, "broadcast" is a function call and "gather" a one-item list; with JAX's,
+the primary begins, writes the index and commits while every process writes its own shards
+into its own directory (:mod:`ckptcore.io.multiwriter`).
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,31 +29,19 @@ from ckptcore.errors import (
     AlreadyExistsError,
     CheckpointError,
     InvalidMetadataError,
+    ProcessFailedError,
     StorageError,
     UnsupportedLeafError,
 )
-from ckptcore.io import gcpause, index
+from ckptcore.io import checksums, gcpause, index, multiwriter
 from ckptcore.io import leaves as arrays
-from ckptcore.parallel import jax_coordinator as distributed
+from ckptcore.io.plans import PreparedSave
+from ckptcore.parallel.coordinator import LOCAL, Coordinator, Operation
 from ckptcore.plugins.manager import registry
 from ckptcore.plugins.registrations import AtomicCommit, Location, ProgressCallback, SaveContext
 from ckptcore.tree.keys import KeyPath, format_key_path
 from ckptcore.tree.nodes import Node, encode_scalar, encode_tree
-
-
-@dataclass
-class PreparedSave:
-    """A snapshot of a pytree: its stored tree and the array writes it needs."""
-
-    tree: Node
-    writes: list[arrays.PlannedWrite] = field(default_factory=list)
-    # Set in a multi-process jax.distributed job: the group and the scope of this save,
-    # fixed in the caller's thread so that background saves keep the call order.
-    collective: Any = None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(w.record["nbytes"] for w in self.writes)
+from ckptcore.version import __version__
 
 
 def prepare(
@@ -81,19 +74,48 @@ def prepare(
             )
         return record
 
-    if "jax" in sys.modules:  # no jax imported: no jax leaves, and the NumPy path never imports it
-        from ckptcore.io import jax_leaves as jax_arrays
+    if sys.modules.get("jax") is not None:  # no JAX in use: no JAX leaves, and NumPy users never import it
+        from ckptcore.io import jax_leaves
 
-        jax_arrays.start_host_copies(state)  # all device-to-host copies in flight before any is awaited
-    collective = distributed.plan_collective()  # None unless several jax.distributed processes save
+        jax_leaves.start_host_copies(state)  # all device-to-host copies in flight before any is awaited
+    with gcpause.paused():  # thousands of leaves: see ckptcore.gcpause
+        tree = encode_tree(state, encode_leaf)
+    return PreparedSave(tree, writes)
+
+
+def estimate_nbytes(state: Any) -> int:
+    """Bytes of the array leaves of ``state``, without copying anything (0 if it cannot be walked)."""
+    total = 0
+
+    def leaf(path: Any, value: Any) -> dict[str, Any]:
+        nonlocal total
+        if isinstance(value, np.ndarray) or arrays.is_jax_value(value):
+            total += int(getattr(value, "nbytes", 0))
+        return {}
+
     try:
-        with gcpause.paused():  # thousands of leaves: see ckptcore.gcpause
-            tree = encode_tree(state, encode_leaf)
+        encode_tree(state, leaf)
+    except CheckpointError:
+        return 0  # prepare() raises the proper error
+    return total
+
+
+def snapshot(state: Any, operation: Operation, **options: Any) -> PreparedSave:
+    """:func:`prepare` for a collective call: a failure also fails ``operation`` on the other processes."""
+    try:
+        return prepare(state, **options)
     except BaseException as exc:
-        if collective is not None:  # the other processes' save fails now instead of timing out
-            collective.scope.fail(exc)
+        operation.fail(exc)  # the others' save fails now instead of timing out
         raise
-    return PreparedSave(tree, writes, collective=collective)
+
+
+def resolve(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None, operation: Operation) -> Location:
+    """:func:`ckptcore.storage.resolve` for a collective call: a bad path fails every process at once."""
+    try:
+        return storage.resolve(path, storage_options)
+    except BaseException as exc:
+        operation.fail(exc)
+        raise
 
 
 def check_json(value: Any, what: str) -> Any:
@@ -136,8 +158,84 @@ def check_replaceable(location: Location, strategy: AtomicCommit, force: bool) -
     )
 
 
+class Transaction:
+    """The atomic commit of one save, shared by the processes of its operation.
+
+    The primary begins (and broadcasts where the data goes) and commits once every process
+    said its part is durable; the others follow and return once the commit is visible. An
+    abort on any process fails the save on all of them. With the local coordinator this is
+    the atomicity plugin's own begin/commit/abort.
+    """
+
+    def __init__(
+        self,
+        strategy: AtomicCommit,
+        operation: Operation,
+        coordinator: Coordinator,
+        *,
+        before_commit: Callable[[], None] | None = None,
+    ) -> None:
+        self.strategy = strategy
+        self.operation = operation
+        self.coordinator = coordinator
+        self.before_commit = before_commit
+
+    def begin(self, final: Location, check: Callable[[], None] | None = None) -> Location:
+        """Where to write (``check`` runs first, on the primary: e.g. refuse to overwrite)."""
+        began: list[Location] = []
+
+        def begin() -> str:
+            if check is not None:
+                check()
+            began.append(self.strategy.begin(final))
+            return _relative_name(final, began[0])
+
+        try:
+            name = self.operation.broadcast("staging", begin)
+        except BaseException as exc:
+            self.operation.fail(exc)
+            raise
+        return began[0] if began else _staging_location(final, name)
+
+    def commit(self, staging: Location, final: Location, *, replace: bool) -> None:
+        def commit() -> str:
+            if self.before_commit is not None:
+                self.before_commit()
+            self.strategy.commit(staging, final, replace=replace)
+            return "committed"
+
+        try:
+            self.operation.gather("ready", True)  # the primary learns that every process's data is durable
+            self.operation.broadcast("outcome", commit)
+        except BaseException as exc:
+            self.operation.fail(exc)
+            raise
+
+    def abort(self, staging: Location) -> None:
+        self.operation.fail(ProcessFailedError("the save was aborted"), f"ready/{self.coordinator.process}")
+        if self.coordinator.is_primary:
+            self.strategy.abort(staging)
+
+
+def _relative_name(final: Location, staging: Location) -> str:
+    """How the other processes find ``staging``: "" (in place), a sibling's name, or a full URL."""
+    if staging.url == final.url:
+        return ""
+    if staging.parent().url == final.parent().url:
+        return "sibling:" + staging.name
+    return "url:" + staging.url
+
+
+def _staging_location(final: Location, name: str) -> Location:
+    if not name:
+        return final
+    if name.startswith("sibling:"):
+        return final.parent().child(name[len("sibling:") :])
+    return storage.resolve(name[len("url:") :], final.options)
+
+
 @contextlib.contextmanager
-def aborted_on_failure(strategy: AtomicCommit, staging: Location, what: str) -> Iterator[None]:
+def aborted_on_failure(transaction: Transaction, staging: Location, what: str) -> Iterator[None]:
     """Abort ``staging`` if the body fails, and report the failure as a ckptcore error.
 
     ckptcore errors pass through; any other exception becomes a :class:`StorageError`
@@ -147,7 +245,7 @@ def aborted_on_failure(strategy: AtomicCommit, staging: Location, what: str) -> 
         yield
     except BaseException as exc:
         try:
-            strategy.abort(staging)
+            transaction.abort(staging)
         except Exception:  # the original failure matters more than the cleanup's
             pass
         if isinstance(exc, CheckpointError) or not isinstance(exc, Exception):
@@ -157,40 +255,37 @@ def aborted_on_failure(strategy: AtomicCommit, staging: Location, what: str) -> 
 
 def write(
     prepared: PreparedSave,
-    path: str | os.PathLike[str],
+    location: Location,
     *,
+    operation: Operation | None = None,
+    coordinator: Coordinator = LOCAL,
     force: bool = False,
     format: str | None = None,
     format_options: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
-    storage_options: Mapping[str, Any] | None = None,
     progress: ProgressCallback | None = None,
     before_commit: Callable[[], None] | None = None,
-) -> Location:
-    """Write a prepared save to ``path`` and commit it atomically; return its location.
+) -> None:
+    """Write a prepared save to ``location`` and commit it atomically; every process calls it.
+
+    ``coordinator`` and ``operation`` default to one process alone (the operation must be
+    created in the caller's thread when the write runs in the background).
 
     ``before_commit`` runs right before the commit; if it raises, the save is aborted
     (a background save past its deadline uses it to never publish late).
     """
-    if prepared.collective is not None:  # several jax.distributed processes save together
-        return distributed.write(
-            prepared, prepared.collective, path, force=force, format=format, format_options=format_options,
-            metadata=metadata, storage_options=storage_options, progress=progress, before_commit=before_commit,
-        )
+    operation = operation or coordinator.operation("save", "a collective save")
     user_metadata = check_json(dict(metadata or {}), "checkpoint metadata")
-    location = storage.resolve(path, storage_options)
     strategy = storage.atomicity(location)
-    check_replaceable(location, strategy, force)
-    staging = strategy.begin(location)
-    with aborted_on_failure(strategy, staging, location.url):
+    transaction = Transaction(strategy, operation, coordinator, before_commit=before_commit)
+    staging = transaction.begin(location, check=lambda: check_replaceable(location, strategy, force))
+    where = location.url if coordinator.size == 1 else f"{location.url} on process {coordinator.process}"
+    with aborted_on_failure(transaction, staging, where):
         write_contents(
-            prepared, staging, url=location.url, format=format, format_options=format_options,
-            metadata=user_metadata, progress=progress,
+            prepared, staging, url=location.url, operation=operation, coordinator=coordinator, format=format,
+            format_options=format_options, metadata=user_metadata, progress=progress,
         )
-        if before_commit is not None:
-            before_commit()
-        strategy.commit(staging, location, replace=force)
-    return location
+        transaction.commit(staging, location, replace=force)
 
 
 def write_contents(
@@ -198,27 +293,71 @@ def write_contents(
     staging: Location,
     *,
     url: str,
+    operation: Operation | None = None,
+    coordinator: Coordinator = LOCAL,
     format: str | None = None,
     format_options: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
     progress: ProgressCallback | None = None,
+    prefix: str = "",
 ) -> dict[str, Any]:
-    """Write the arrays and the index of a prepared save into ``staging``; commit nothing.
+    """Write this process's shards into ``staging``; the primary also writes the index. Commit nothing.
 
-    For callers that commit several checkpoints as one unit (a manager's step with
-    several items); ``url`` is where the data will be visible once committed. Returns
-    the index written.
+    For callers that commit several checkpoints as one unit (a manager's step with several
+    items, each with its own ``prefix`` in the operation); ``url`` is where the data will be
+    visible once committed. Returns the index on the primary, and on the others an index
+    without its tree (its formats and size).
     """
-    if prepared.collective is not None:  # several jax.distributed processes write their shards
-        return distributed.write_contents(
-            prepared, staging, url=url, format=format, format_options=format_options, metadata=metadata,
-            progress=progress,
-        )
+    operation = operation or coordinator.operation("save", "a collective save")
     user_metadata = check_json(dict(metadata or {}), "checkpoint metadata")
     format_name = format or (registry().default_array_format() if prepared.writes else "")
     fmt = registry().array_format(format_name) if prepared.writes else None
-    _write_arrays(prepared, staging, format_name, fmt, dict(format_options or {}), progress)
-    return write_index(prepared, staging, url=url, format_name=format_name, fmt=fmt, metadata=user_metadata)
+    try:
+        writers = multiwriter.assign_whole_leaves(prepared, operation, coordinator, url, prefix)
+        mine = [
+            (i, w) for i, w in enumerate(prepared.writes)
+            if w.request.shards and writers.get(i, coordinator.process) == coordinator.process
+        ]
+        report: list[dict[str, Any]] = []
+        if mine and fmt is not None:
+            if progress:
+                progress(0, prepared.nbytes)
+            directory = staging.child(format_name)
+            if coordinator.writer_directory:
+                directory = directory.child(coordinator.writer_directory)
+            report = _write_own_shards(mine, fmt, directory, coordinator.process, dict(format_options or {}))
+            if progress:
+                progress(prepared.nbytes, prepared.nbytes)
+        reports = operation.gather(f"{prefix}written", report)
+        if reports is None:  # not the primary: the primary writes the index
+            formats: dict[str, Any] = {format_name: {}} if fmt is not None else {}
+            return {"array_formats": formats, "total_bytes": prepared.nbytes}
+        multiwriter.merge_reports(prepared, reports, coordinator, format_name, url)
+        return write_index(prepared, staging, url=url, format_name=format_name, fmt=fmt, metadata=user_metadata)
+    except BaseException as exc:
+        operation.fail(exc)
+        raise
+
+
+def _write_own_shards(
+    mine: list[tuple[int, arrays.PlannedWrite]], fmt: Any, location: Location, process: int, options: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Write this process's shards with the array format; checksum them meanwhile (CRC-32C releases the GIL)."""
+    requests = [w.request for _, w in mine]
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptcore-checksum") as pool:
+        jobs = [pool.submit(checksums.of_shards, batch) for batch in checksums.batches(requests)]
+        infos = fmt.format.write(location, requests, options)
+        sums = [leaf for job in jobs for leaf in job.result()]
+    return [
+        {
+            "w": i,
+            "process": process,
+            "info": info,
+            "shards": [[[s.start, s.stop] for s in shard.index] for shard in request.shards],
+            "checksums": leaf_sums,
+        }
+        for (i, _), request, info, leaf_sums in zip(mine, requests, infos, sums, strict=True)
+    ]
 
 
 def write_index(
@@ -233,7 +372,7 @@ def write_index(
     doc = {
         "format": index.FORMAT,
         "format_version": index.FORMAT_VERSION,
-        "ckptcore_version": _version(),
+        "ckptcore_version": __version__,
         "created": datetime.datetime.now(datetime.UTC).isoformat(),
         "array_formats": formats,
         "total_bytes": prepared.nbytes,
@@ -244,68 +383,3 @@ def write_index(
     staging.fs.makedirs(staging.path, exist_ok=True)
     staging.fs.pipe_file(f"{staging.path}/{index.INDEX_FILE}", index.encode_index(doc))
     return doc
-
-
-def _write_arrays(
-    prepared: PreparedSave,
-    staging: Location,
-    format_name: str,
-    fmt: Any,
-    options: dict[str, Any],
-    progress: ProgressCallback | None,
-) -> None:
-    if not prepared.writes:
-        return
-    total = prepared.nbytes
-    if progress:
-        progress(0, total)
-    # Checksums run beside the format's writes (zlib releases the GIL), in batches of
-    # leaves: one pool job per small leaf would cost more than its checksum.
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptcore-checksum") as pool:
-        jobs = [pool.submit(_batch_checksums, batch) for batch in _checksum_batches(prepared.writes)]
-        infos = fmt.format.write(staging.child(format_name), [w.request for w in prepared.writes], options)
-        sums = [s for job in jobs for s in job.result()]
-        for w, info, checksums in zip(prepared.writes, infos, sums, strict=True):
-            w.record.update(format=format_name, key=w.request.key, format_info=info, **checksums)
-    if progress:
-        progress(total, total)
-
-
-_CHECKSUM_BATCH_BYTES = 8 << 20
-
-
-def _checksum_batches(writes: list[arrays.PlannedWrite]) -> list[list[arrays.PlannedWrite]]:
-    """Consecutive writes grouped into runs of about ``_CHECKSUM_BATCH_BYTES``."""
-    batches: list[list[arrays.PlannedWrite]] = []
-    size = _CHECKSUM_BATCH_BYTES
-    for w in writes:
-        if size >= _CHECKSUM_BATCH_BYTES:
-            batches.append([])
-            size = 0
-        batches[-1].append(w)
-        size += w.record["nbytes"]
-    return batches
-
-
-def _batch_checksums(batch: list[arrays.PlannedWrite]) -> list[dict[str, Any]]:
-    return [_shard_checksums(w) for w in batch]
-
-
-def _shard_checksums(write: arrays.PlannedWrite) -> dict[str, Any]:
-    shards = write.request.shards
-    if len(shards) == 1 and all(
-        s.start == 0 and s.stop == n for s, n in zip(shards[0].index, write.request.shape, strict=False)
-    ):
-        return {"checksum": arrays.checksum(shards[0].data)}
-    return {
-        "shard_checksums": [
-            {"index": [[s.start, s.stop] for s in shard.index], "checksum": arrays.checksum(shard.data)}
-            for shard in shards
-        ]
-    }
-
-
-def _version() -> str:
-    from ckptcore import __version__
-
-    return __version__

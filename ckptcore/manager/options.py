@@ -41,7 +41,10 @@ class CheckpointManagerOptions:
     :param array_format: the array format of pytree items (default: the plugins' default, ``ocdbt``).
     :param format_options: options of the array format.
     :param storage_options: options of the storage plugin (endpoint, credentials...).
-    :param save_timeout: seconds a save may wait for the previous background save.
+    :param save_timeout: the write deadline of a background step save, as ``AsyncCheckpointer(timeout=...)``:
+        a step still writing after this many seconds is abandoned (never committed) and the next
+        ``save``, ``wait_until_finished`` or ``close`` raises ``CheckpointTimeoutError``; so it also
+        bounds how long a save waits for the previous one. ``None``: no deadline.
     :param writer_lock: take the directory's writer lock (a lease file) so that a second
         writing manager gets :class:`ckptcore.errors.ConcurrentWriterError`.
     :param lease_ttl_secs: lifetime of writer and reader lease files; they are refreshed

@@ -7,32 +7,25 @@ bottleneck. Switched on by ``MultiprocessOptions.single_replica_restore``.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ckptcore.parallel.jax_coordinator import current_options
 
-
-def single_replica_targets(target: Any) -> tuple[Any, Callable[[Any], Any]]:
+def single_replica_targets(target: Any, replica_axis: str | None) -> tuple[Any, Callable[[Any], Any]]:
     """The target to read, and how to finish the result, for a single-replica restore.
 
-    With ``MultiprocessOptions.single_replica_restore`` every ``jax.Array`` target leaf
-    whose ``NamedSharding`` replicates it along the replica axis is read only by the
-    devices at index 0 of that axis, then copied to the other replicas by a jitted
-    identity (XLA moves the data between devices and processes). Otherwise (and without
-    JAX) the target itself and the identity.
+    Every ``jax.Array`` target leaf whose ``NamedSharding`` replicates it along the replica
+    axis is read only by the devices at index 0 of that axis, then copied to the other
+    replicas by a jitted identity (XLA moves the data between devices and processes).
+    Called only when ``MultiprocessOptions.single_replica_restore`` is on and JAX is in use.
     """
-    opts = current_options()
-    if not opts.single_replica_restore or target is None or "jax" not in sys.modules:
-        return target, lambda restored: restored
     import jax
 
     plans: list[Any] = []
 
     def narrow(leaf: Any) -> Any:
-        plan = _replica_plan(leaf, opts.replica_axis)
+        plan = _replica_plan(leaf, replica_axis)
         plans.append(plan)
         return plan.read_target if plan is not None else leaf
 
