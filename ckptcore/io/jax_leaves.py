@@ -164,7 +164,17 @@ def _leaves(tree: Any) -> Iterator[Any]:
         for v in tree:
             yield from _leaves(v)
     else:
-        yield tree
+        from ckptcore.tree.pytrees import flatten_node
+
+        try:
+            flat = flatten_node(tree)  # a TrainState, an NNX State...: walked as encode_tree walks it
+        except UnsupportedLeafError:
+            flat = None  # a prefetch only: encode_tree reports it
+        if flat is None:
+            yield tree
+        else:
+            for v in flat.children:
+                yield from _leaves(v)
 
 
 def sharding_record(sharding: Any) -> dict[str, Any]:
