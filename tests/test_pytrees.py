@@ -148,6 +148,13 @@ def test_step_saved_as_python_int_comes_back_as_the_array_the_target_asks_for(tm
     ckptcore.save(tmp_path / "ck", state)
     back = ckptcore.restore(tmp_path / "ck", target=jax.eval_shape(lambda: create_state(jax.random.key(0))))
     assert isinstance(back.step, jax.Array) and back.step.dtype == jnp.int32 and int(back.step) == 0
+    ckptcore.save(tmp_path / "n", {"n": 3, "s": "text"})
+    key_dtype = jax.random.key(0).dtype
+    target = {"n": jax.ShapeDtypeStruct((3,), jnp.int32), "s": jax.ShapeDtypeStruct((), jnp.int32)}
+    with pytest.raises(TargetMismatchError, match=r"(?s)\['n'\]: the checkpoint holds a scalar.*\['s'\]: the target has an array"):
+        ckptcore.restore(tmp_path / "n", target=target)
+    with pytest.raises(TargetMismatchError, match=r"\['n'\]: the saved 3 cannot become key<fry>"):
+        ckptcore.restore(tmp_path / "n", target={"n": jax.ShapeDtypeStruct((), key_dtype), "s": None})
 
 
 def test_sharding_comes_from_the_target(tmp_path):

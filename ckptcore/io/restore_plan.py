@@ -102,7 +102,11 @@ class Planner:
             return None
         import jax
 
-        host = np.asarray(value, dtype=target.dtype)
+        try:
+            host = np.asarray(value, dtype=target.dtype)
+        except (TypeError, ValueError) as exc:  # e.g. a typed-key target where an int was saved
+            self.mismatched.append(f"{format_key_path(path)}: the saved {value!r} cannot become {target.dtype}: {exc}")
+            return None
         sharding = getattr(target, "sharding", None)
         return jax.device_put(host, sharding) if sharding is not None else jax.numpy.asarray(host)
 
