@@ -1,0 +1,316 @@
+"""Bulk I/O of byte ranges: parallel ``pwritev``/``preadv`` on local disk, ranged requests on object stores.
+
+Both directions work on *parts*: ``(file offset, buffer)`` pairs of one file. Parts are
+grouped into jobs of neighbouring ranges (one ``pwritev``/``preadv`` with many buffers,
+or one ranged GET), large buffers are cut so that several threads share one large array,
+and the jobs run on a thread pool (the GIL is released during the system calls).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ckptcore.errors import CorruptCheckpointError
+
+IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024)
+LOCAL_JOB_BYTES = 64 << 20  # one system call's worth: long sequential runs, and still 16 jobs per GiB for the threads
+LOCAL_MERGE_GAP = 4 << 10  # reading a page we do not need is cheaper than another system call
+REMOTE_JOB_BYTES = 32 << 20  # one ranged GET at most (large leaves download in parallel pieces)
+REMOTE_MERGE_GAP = 1 << 20  # neighbouring ranges closer than this become one request
+REMOTE_BATCH_BYTES = 256 << 20  # downloaded bytes held at once before they are copied into place
+ALIGN = 64
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array starting on a 64-byte boundary.
+
+    JAX's CPU devices adopt such host buffers without copying them.
+    """
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGN, np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def byte_view(array: np.ndarray) -> memoryview:
+    """A flat uint8 memoryview of a C-contiguous array (any dtype, ml_dtypes included)."""
+    return memoryview(array.reshape(-1).view(np.uint8))
+
+
+@dataclass
+class ReadSegment:
+    offset: int
+    length: int
+    dest: memoryview  # written with exactly ``length`` bytes
+
+
+@dataclass
+class ReadBlock:
+    """A range read into a buffer allocated only when it is read, then handed to ``consume`` (row blocks)."""
+
+    offset: int
+    length: int
+    consume: Callable[[np.ndarray], None]
+
+
+@dataclass
+class _Job:
+    offset: int
+    buffers: list[memoryview] = field(default_factory=list)
+    nbytes: int = 0
+
+
+def _cut(offset: int, buf: memoryview, limit: int) -> list[tuple[int, memoryview]]:
+    if len(buf) <= limit:
+        return [(offset, buf)]
+    return [(offset + i, buf[i : i + limit]) for i in range(0, len(buf), limit)]
+
+
+def _jobs(parts: Sequence[tuple[int, memoryview]], job_bytes: int, gap: int, scratch: memoryview | None) -> list[_Job]:
+    """Group parts (sorted by offset, not overlapping) into jobs of contiguous file ranges.
+
+    A hole of at most ``gap`` bytes between two parts is filled with ``scratch`` (reads only).
+    """
+    jobs: list[_Job] = []
+    end = -1
+    for offset, buf in parts:
+        for off, piece in _cut(offset, buf, job_bytes):
+            job = jobs[-1] if jobs else None
+            hole = off - end
+            fits = job is not None and job.nbytes + hole + len(piece) <= job_bytes and len(job.buffers) + 2 <= IOV_MAX
+            if fits and (hole == 0 or (scratch is not None and 0 < hole <= gap)):
+                assert job is not None
+                if hole:
+                    job.buffers.append(scratch[:hole])  # type: ignore[index]
+                    job.nbytes += hole
+            else:
+                job = _Job(off)
+                jobs.append(job)
+            job.buffers.append(piece)
+            job.nbytes += len(piece)
+            end = off + len(piece)
+    return jobs
+
+
+def _run(pool_size: int, tasks: list[Callable[[], None]]) -> None:
+    if len(tasks) <= 1 or pool_size <= 1:
+        for task in tasks:
+            task()
+        return
+    with ThreadPoolExecutor(max_workers=min(pool_size, len(tasks)), thread_name_prefix="ckptcore-safetensors") as pool:
+        for future in [pool.submit(t) for t in tasks]:
+            future.result()
+
+
+# -- local disk ------------------------------------------------------------------------
+
+
+def _pwritev_all(fd: int, buffers: list[memoryview], offset: int) -> None:
+    while buffers:
+        n = os.pwritev(fd, buffers, offset)
+        offset += n
+        while buffers and n >= len(buffers[0]):
+            n -= len(buffers[0])
+            buffers = buffers[1:]
+        if buffers and n:
+            buffers = [buffers[0][n:], *buffers[1:]]
+
+
+def _preadv_all(fd: int, buffers: list[memoryview], offset: int, path: str) -> None:
+    while buffers:
+        n = os.preadv(fd, buffers, offset)
+        if n == 0:
+            raise CorruptCheckpointError(f"{path}: the file ends at byte {offset}, before the data its header describes")
+        offset += n
+        while buffers and n >= len(buffers[0]):
+            n -= len(buffers[0])
+            buffers = buffers[1:]
+        if buffers and n:
+            buffers = [buffers[0][n:], *buffers[1:]]
+
+
+def write_local_files(directory: str, files: Sequence[tuple[str, int, list[tuple[int, memoryview]]]], threads: int) -> None:
+    """Write ``files`` ((name, size, parts sorted by offset)) in parallel, then fsync each once."""
+    os.makedirs(directory, exist_ok=True)
+    fds: list[int] = []
+    try:
+        tasks: list[Callable[[], None]] = []
+        for name, size, parts in files:
+            fd = os.open(os.path.join(directory, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            fds.append(fd)
+            os.ftruncate(fd, size)  # concurrent writers never race on the file's size
+            for job in _jobs(parts, LOCAL_JOB_BYTES, 0, None):
+                tasks.append(lambda fd=fd, job=job: _pwritev_all(fd, job.buffers, job.offset))
+        _run(threads, tasks)
+        _run(threads, [lambda fd=fd: os.fsync(fd) for fd in fds])
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+class LocalReader:
+    """Reads the header and the data of local files with ``pread``/``preadv``."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.fds: dict[str, int] = {}
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.directory, name)
+
+    def open(self, name: str) -> tuple[int, bytes]:
+        """The file's size and its first bytes (the header length)."""
+        fd = self.fds.get(name)
+        if fd is None:
+            try:
+                fd = os.open(self.path(name), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError as exc:
+                raise CorruptCheckpointError(f"{self.path(name)}: safetensors file missing from the checkpoint") from exc
+            self.fds[name] = fd
+        return os.fstat(fd).st_size, os.pread(fd, 8, 0)
+
+    def read_range(self, name: str, start: int, stop: int) -> bytes:
+        return os.pread(self.fds[name], stop - start, start)
+
+    def read(self, segments: dict[str, list[ReadSegment]], blocks: dict[str, list[ReadBlock]], threads: int) -> None:
+        scratch = memoryview(bytearray(LOCAL_MERGE_GAP))  # holes between merged ranges land here, unused
+        tasks: list[Callable[[], None]] = []
+        for name, segs in segments.items():
+            fd, path = self.fds[name], self.path(name)
+            segs.sort(key=lambda s: s.offset)
+            for job in _jobs([(s.offset, s.dest) for s in segs], LOCAL_JOB_BYTES, LOCAL_MERGE_GAP, scratch):
+                tasks.append(lambda fd=fd, job=job, path=path: _preadv_all(fd, job.buffers, job.offset, path))
+        # Block buffers are reused: memory touched for the first time costs more than the copy.
+        spare: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
+        for name, bls in blocks.items():
+            fd, path = self.fds[name], self.path(name)
+            tasks.extend(lambda fd=fd, b=b, path=path: _read_block(fd, b, path, spare) for b in bls)
+        # Row blocks are read, then copied: two threads at least, so one copies while one reads.
+        _run(max(threads, 2) if blocks else threads, tasks)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _read_block(fd: int, block: ReadBlock, path: str, spare: queue.SimpleQueue[np.ndarray]) -> None:
+    try:
+        buf = spare.get_nowait()
+    except queue.Empty:
+        buf = aligned_empty((block.length,), np.dtype(np.uint8))
+    if len(buf) < block.length:
+        buf = aligned_empty((block.length,), np.dtype(np.uint8))
+    view = buf[: block.length]
+    _preadv_all(fd, [memoryview(view)], block.offset, path)
+    block.consume(view)
+    spare.put(buf)
+
+
+# -- object stores (fsspec) ------------------------------------------------------------
+
+
+def write_remote_files(fs: Any, directory: str, files: Sequence[tuple[str, int, list[tuple[int, memoryview]]]], threads: int) -> None:
+    """Upload each file as one object (streamed: the client sends it in parts); files in parallel."""
+    try:
+        fs.makedirs(directory, exist_ok=True)
+    except Exception:  # object stores have no directories; some clients refuse to make one
+        pass
+
+    def upload(name: str, parts: list[tuple[int, memoryview]]) -> None:
+        with fs.open(f"{directory}/{name}", "wb") as f:
+            for _, buf in parts:
+                f.write(buf)
+
+    _run(threads, [lambda n=name, p=parts: upload(n, p) for name, _, parts in files])
+
+
+class RemoteReader:
+    """Reads headers and data of objects with ranged requests (``cat_file`` / ``cat_ranges``)."""
+
+    HEAD_BYTES = 1 << 20
+
+    def __init__(self, fs: Any, directory: str) -> None:
+        self.fs = fs
+        self.directory = directory
+        self.heads: dict[str, bytes] = {}
+
+    def path(self, name: str) -> str:
+        return f"{self.directory}/{name}"
+
+    def open(self, name: str) -> tuple[int, bytes]:
+        try:
+            size = int(self.fs.info(self.path(name))["size"])
+        except FileNotFoundError as exc:
+            raise CorruptCheckpointError(f"{self.path(name)}: safetensors file missing from the checkpoint") from exc
+        head = self.fs.cat_file(self.path(name), start=0, end=min(size, self.HEAD_BYTES)) if size else b""
+        self.heads[name] = head
+        return size, head
+
+    def read_range(self, name: str, start: int, stop: int) -> bytes:
+        head = self.heads.get(name, b"")
+        if stop <= len(head):
+            return head[start:stop]
+        return self.fs.cat_file(self.path(name), start=start, end=stop)
+
+    def read(self, segments: dict[str, list[ReadSegment]], blocks: dict[str, list[ReadBlock]], threads: int) -> None:
+        # (path, start, stop, [(offset within the range, segment or block)])
+        ranges: list[tuple[str, int, int, list[tuple[int, Any]]]] = []
+        for name, bls in blocks.items():
+            ranges.extend((self.path(name), b.offset, b.offset + b.length, [(0, b)]) for b in bls)
+        for name, segs in segments.items():
+            path = self.path(name)
+            segs.sort(key=lambda s: s.offset)
+            for seg in segs:
+                for off, piece in _cut(seg.offset, seg.dest, REMOTE_JOB_BYTES):
+                    part = ReadSegment(off, len(piece), piece)
+                    if ranges and ranges[-1][0] == path and 0 <= off - ranges[-1][2] <= REMOTE_MERGE_GAP and (
+                        off + len(piece) - ranges[-1][1] <= REMOTE_JOB_BYTES
+                    ):
+                        p, start, _, members = ranges[-1]
+                        ranges[-1] = (p, start, off + len(piece), members)
+                    else:
+                        ranges.append((path, off, off + len(piece), []))
+                    ranges[-1][3].append((off - ranges[-1][1], part))
+        batch: list[tuple[str, int, int, list[tuple[int, Any]]]] = []
+        size = 0
+        for r in ranges:
+            batch.append(r)
+            size += r[2] - r[1]
+            if size >= REMOTE_BATCH_BYTES:
+                self._fetch(batch, threads)
+                batch, size = [], 0
+        if batch:
+            self._fetch(batch, threads)
+
+    def _fetch(self, batch: list[tuple[str, int, int, list[tuple[int, Any]]]], threads: int) -> None:
+        got = self.fs.cat_ranges([b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch], on_error="raise")
+        finishers: list[Callable[[], None]] = []
+        for (path, start, stop, members), data in zip(batch, got, strict=True):
+            if isinstance(data, BaseException):
+                raise data
+            if len(data) != stop - start:
+                raise CorruptCheckpointError(
+                    f"{path}: the object holds fewer bytes than its safetensors header describes "
+                    f"(range {start}-{stop} returned {len(data)} bytes); it is truncated"
+                )
+            view = memoryview(data)
+            for rel, seg in members:
+                if isinstance(seg, ReadBlock):
+                    finishers.append(
+                        lambda seg=seg, data=data, rel=rel: seg.consume(np.frombuffer(data, np.uint8, seg.length, rel))
+                    )
+                else:
+                    seg.dest[:] = view[rel : rel + seg.length]
+        _run(threads, finishers)
+
+    def close(self) -> None:
+        self.heads.clear()
