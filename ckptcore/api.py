@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from ckptcore import progress as progress_lib
 from ckptcore.io import gcpause
@@ -20,29 +20,36 @@ from ckptcore.plugins.registrations import ProgressCallback
 from ckptcore.tree.keys import format_key_path
 from ckptcore.tree.nodes import iter_leaves
 
-__all__ = ["ArrayMetadata", "CheckpointInfo", "info", "metadata", "restore", "save"]
+__all__ = ["ArrayMetadata", "CheckpointInfo", "SaveOptions", "info", "metadata", "restore", "save"]
 
 
-def save(
-    path: str | os.PathLike[str],
-    state: Any,
-    *,
-    force: bool = False,
-    format: str | None = None,
-    format_options: Mapping[str, Any] | None = None,
-    metadata: Mapping[str, Any] | None = None,
-    storage_options: Mapping[str, Any] | None = None,
-    progress: ProgressCallback | bool | None = None,
-) -> None:
-    """Save the pytree ``state`` to ``path`` atomically.
+class SaveOptions(TypedDict, total=False):
+    """The options of every save (:func:`save`, ``Checkpointer.save``, ``AsyncCheckpointer.save``).
 
-    :param path: a local path, ``file://``, or a URL of an installed storage plugin.
     :param force: replace an existing checkpoint (the old one stays until the new one commits).
     :param format: the array format (default: the plugins' default, ``ocdbt``).
     :param format_options: options of the array format (e.g. ``{"chunk_bytes": ...}``).
     :param metadata: JSON-able data stored in the index, returned by :func:`ckptcore.info`.
     :param storage_options: per-call options for the storage plugin (endpoint, credentials...).
+    """
+
+    force: bool
+    format: str | None
+    format_options: Mapping[str, Any] | None
+    metadata: Mapping[str, Any] | None
+    storage_options: Mapping[str, Any] | None
+
+
+def save(
+    path: str | os.PathLike[str], state: Any, *, progress: ProgressCallback | bool | None = None,
+    **options: Unpack[SaveOptions],
+) -> None:
+    """Save the pytree ``state`` to ``path`` atomically.
+
+    :param path: a local path, ``file://``, or a URL of an installed storage plugin.
     :param progress: ``True`` for a progress bar, or a callable(bytes written, bytes total).
+    :param options: ``force``, ``format``, ``format_options``, ``metadata``, ``storage_options``
+        (see :class:`SaveOptions`).
     :raises AlreadyExistsError: a checkpoint exists at ``path`` and ``force`` is false.
     :raises UnsupportedLeafError: a leaf cannot be saved (raised before anything is written).
     """
@@ -51,10 +58,16 @@ def save(
         coordinator = current_coordinator()
         operation = coordinator.operation("save", "a collective save")  # every process in the same order
         prepared = snapshot(state, operation)
-        write(
-            prepared, resolve(path, storage_options, operation), operation=operation, coordinator=coordinator,
-            force=force, format=format, format_options=format_options, metadata=metadata, progress=callback,
-        )
+        location = resolve(path, options.get("storage_options"), operation)
+        write(prepared, location, operation=operation, coordinator=coordinator, progress=callback, **write_options(options))
+
+
+def write_options(options: SaveOptions) -> dict[str, Any]:
+    """The options :func:`ckptcore.io.save.write` takes, from a save's options (unknown names refused)."""
+    unknown = set(options) - set(SaveOptions.__annotations__)
+    if unknown:
+        raise TypeError(f"save() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+    return {k: v for k, v in options.items() if k != "storage_options"}
 
 
 def metadata(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None) -> Any:

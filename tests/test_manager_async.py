@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from ckptcore import CheckpointManager, CheckpointManagerOptions
-from ckptcore.storage import locks as lease_files
 from ckptcore.errors import BackgroundWriteError, StepInUseError
+from ckptcore.storage import locks as lease_files
 
 
 def state(i: int, n: int = 1000) -> dict:

@@ -11,8 +11,8 @@ import pytest
 
 import ckptcore
 from ckptcore import CheckpointManager, CheckpointManagerOptions, Composite, Json
-from ckptcore.storage import locks as lease_files
 from ckptcore.errors import ConcurrentWriterError, StepAlreadyExistsError
+from ckptcore.storage import locks as lease_files
 
 
 def state(i: int) -> dict:

@@ -22,10 +22,11 @@ import os
 import threading
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 
 from ckptcore import api, storage
 from ckptcore import progress as progress_lib
+from ckptcore.api import SaveOptions
 from ckptcore.checkpointers import background
 from ckptcore.checkpointers.engine import AsyncSaveEngine
 from ckptcore.errors import AlreadyExistsError, CheckpointerClosedError
@@ -106,27 +107,15 @@ class Checkpointer(_CheckpointerBase):
     """
 
     def save(
-        self,
-        path: str | os.PathLike[str],
-        state: Any,
-        *,
-        force: bool = False,
-        format: str | None = None,
-        format_options: Mapping[str, Any] | None = None,
-        metadata: Mapping[str, Any] | None = None,
-        storage_options: Mapping[str, Any] | None = None,
-        donate: bool = False,
-        progress: ProgressArg = None,
+        self, path: str | os.PathLike[str], state: Any, *, donate: bool = False, progress: ProgressArg = None,
+        **options: Unpack[SaveOptions],
     ) -> None:
         """Save ``state`` to ``path`` atomically and return once it is committed (see :func:`ckptcore.save`).
 
         ``donate`` is accepted for interface compatibility: a synchronous save never copies.
         """
         self._check_open()
-        api.save(
-            path, state, force=force, format=format, format_options=format_options, metadata=metadata,
-            storage_options=storage_options, progress=self._progress if progress is None else progress,
-        )
+        api.save(path, state, progress=self._progress if progress is None else progress, **options)
 
 
 class AsyncCheckpointer(_CheckpointerBase):
@@ -167,17 +156,8 @@ class AsyncCheckpointer(_CheckpointerBase):
         self._save_lock = threading.Lock()  # one snapshot at a time per checkpointer
 
     def save(
-        self,
-        path: str | os.PathLike[str],
-        state: Any,
-        *,
-        force: bool = False,
-        format: str | None = None,
-        format_options: Mapping[str, Any] | None = None,
-        metadata: Mapping[str, Any] | None = None,
-        storage_options: Mapping[str, Any] | None = None,
-        donate: bool = False,
-        progress: ProgressArg = None,
+        self, path: str | os.PathLike[str], state: Any, *, donate: bool = False, progress: ProgressArg = None,
+        **options: Unpack[SaveOptions],
     ) -> None:
         """Snapshot ``state`` and write it to ``path`` in the background; return once snapshotted.
 
@@ -194,8 +174,10 @@ class AsyncCheckpointer(_CheckpointerBase):
         engine = self._engine
         with self._save_lock:
             engine.raise_errors()
-            user_metadata = saving.check_json(dict(metadata or {}), "checkpoint metadata")
-            location = storage.resolve(path, storage_options)
+            write_options = api.write_options(options)
+            force = bool(options.get("force", False))
+            saving.check_json(dict(options.get("metadata") or {}), "checkpoint metadata")
+            location = storage.resolve(path, options.get("storage_options"))
             self._check_target(location, force)
             engine.make_room(saving.estimate_nbytes(state))
             engine.raise_errors()  # a save we just waited for may have failed
@@ -209,9 +191,8 @@ class AsyncCheckpointer(_CheckpointerBase):
             def write() -> None:
                 with progress_lib.resolve(chosen_progress, f"saving {location.url}") as callback:
                     saving.write(
-                        prepared, location, operation=operation, coordinator=coordinator, force=force, format=format,
-                        format_options=format_options, metadata=user_metadata, progress=callback,
-                        before_commit=background.check_deadline,
+                        prepared, location, operation=operation, coordinator=coordinator, progress=callback,
+                        before_commit=background.check_deadline, **write_options,
                     )
 
             engine.submit(write, snap, nbytes=prepared.nbytes, key=location.url, description=f"save to {location.url}")

@@ -153,7 +153,7 @@ _TRIM_AFTER_BYTES = 64 << 20
 
 
 def _finish_wave(wave: list[PendingRead], results: list[list[np.ndarray]], nbytes: dict[int, int]) -> None:
-    """Run the finishers (checksum checks) of a wave; large leaves' in threads, as zlib releases the GIL."""
+    """Run the finishers (checksum checks) of a wave; large leaves' in threads, as CRC-32C releases the GIL."""
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptcore-verify") as pool:
         jobs = {
             id(r): pool.submit(r.finish, arrays_read)

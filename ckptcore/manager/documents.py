@@ -24,6 +24,7 @@ from ckptcore.errors import (
 )
 from ckptcore.io.documents import is_newer, read_header
 from ckptcore.plugins.registrations import Location
+from ckptcore.version import __version__
 
 ROOT_FILE = "ckptcore_manager.json"
 STEP_FILE = "ckptcore_step.json"
@@ -86,12 +87,6 @@ def _encode(doc: msgspec.Struct) -> bytes:
     return json.dumps(msgspec.to_builtins(doc), indent=1).encode()
 
 
-def _version() -> str:
-    from ckptcore import __version__
-
-    return __version__
-
-
 def _now_iso(timestamp: float | None = None) -> str:
     when = datetime.datetime.now(datetime.UTC) if timestamp is None else datetime.datetime.fromtimestamp(
         timestamp, datetime.UTC
@@ -148,7 +143,7 @@ def write_root_file(
 ) -> dict[str, Any]:
     """Write the root file of a directory being set up; returns it as JSON data."""
     doc = RootDoc(
-        format=ROOT_FORMAT, format_version=FORMAT_VERSION, created=_now_iso(), ckptcore_version=_version(),
+        format=ROOT_FORMAT, format_version=FORMAT_VERSION, created=_now_iso(), ckptcore_version=__version__,
         step_prefix=step_prefix, step_format_fixed_length=step_format_fixed_length, metadata=metadata,
     )
     root.fs.pipe_file(f"{root.path.rstrip('/')}/{ROOT_FILE}", _encode(doc))
@@ -207,7 +202,7 @@ def encode_step_doc(
     """The step file of a step about to be committed (``items``: name -> ``StepItem`` fields)."""
     doc = StepDoc(
         format=STEP_FORMAT, format_version=FORMAT_VERSION, step=step, commit_time=commit_time,
-        commit_time_iso=_now_iso(commit_time), ckptcore_version=_version(), composite=composite,
+        commit_time_iso=_now_iso(commit_time), ckptcore_version=__version__, composite=composite,
         items=msgspec.convert(items, dict[str, StepItem]), metrics=metrics,
     )
     return _encode(doc)

@@ -17,7 +17,7 @@ from typing import Any
 from ckptcore import storage
 from ckptcore.errors import CheckpointError
 from ckptcore.manager.documents import read_root_file
-from ckptcore.manager.manager import committed_steps
+from ckptcore.manager.listing import committed_steps
 from ckptcore.plugins.registrations import AtomicCommit, Location
 from ckptcore.storage import locks
 

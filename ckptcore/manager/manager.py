@@ -33,7 +33,9 @@ from typing import Any
 import msgspec
 
 from ckptcore import storage
+from ckptcore.checkpointers import background
 from ckptcore.checkpointers.background import BackgroundWriter
+from ckptcore.checkpointers.engine import AsyncSaveEngine
 from ckptcore.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -62,12 +64,12 @@ from ckptcore.manager.documents import (
     read_step_doc,
     write_root_file,
 )
+from ckptcore.manager.listing import committed_steps, list_names
 from ckptcore.manager.options import CheckpointManagerOptions
 from ckptcore.manager.retention import StepRecord, steps_to_delete
-from ckptcore.parallel import jax_coordinator as distributed
-from ckptcore.parallel import preemption
+from ckptcore.parallel.current import current_coordinator
 from ckptcore.plugins.manager import registry
-from ckptcore.plugins.registrations import AtomicCommit, Location
+from ckptcore.plugins.registrations import Location
 from ckptcore.storage import locks
 
 log = logging.getLogger("ckptcore.manager.manager")
@@ -85,47 +87,6 @@ class StepMetadata:
     metrics: Any
     items: Mapping[str, Mapping[str, Any]]  # name -> {"kind": "pytree"|"json", "array_formats": [...], ...}
     composite: bool
-
-
-# -- listing steps (shared with the evaluators) ----------------------------------------
-
-
-def list_names(root: Location) -> list[str]:
-    """The entry names directly inside ``root`` (fresh: fsspec listing caches are dropped)."""
-    root.fs.invalidate_cache(root.path)
-    try:
-        entries = root.fs.ls(root.path, detail=False)
-    except FileNotFoundError:
-        return []
-    except OSError as exc:
-        raise StorageError(f"could not list {root.url}: {exc}") from exc
-    return [str(e).rstrip("/").rpartition("/")[2] for e in entries]
-
-
-def committed_steps(
-    root: Location, strategy: AtomicCommit, prefixes: tuple[str | None, ...], names: list[str] | None = None
-) -> dict[int, str]:
-    """step -> directory name, for every committed step, read through every registered layout."""
-    layouts = [reg.layout for reg in registry().step_layouts()]
-    found: dict[int, str] = {}
-    for name in list_names(root) if names is None else names:
-        if name.startswith("."):
-            continue
-        step = _parse(name, prefixes, layouts)
-        if step is None or (step in found and len(found[step]) <= len(name)):
-            continue
-        if strategy.is_committed(root.child(name)):
-            found[step] = name
-    return dict(sorted(found.items()))
-
-
-def _parse(name: str, prefixes: tuple[str | None, ...], layouts: list[Any]) -> int | None:
-    for prefix in prefixes:
-        for layout in layouts:
-            step = layout.parse_step(name, prefix)
-            if step is not None:
-                return step
-    return None
 
 
 # -- metrics ---------------------------------------------------------------------------
@@ -206,17 +167,19 @@ class CheckpointManager:
         self._names: dict[int, str] = {}
         self._pending_step: int | None = None
         self._restored_step: int | None = None
-        self._writer = BackgroundWriter("ckptcore-manager-save")
+        # The same engine as AsyncCheckpointer's: pooled snapshots, one step in flight, save_timeout
+        # as the write deadline of a background step (past it the step is abandoned, never committed).
+        self._engine = AsyncSaveEngine("ckptcore-manager-save", timeout=opts.save_timeout)
         self._deleter = BackgroundWriter("ckptcore-manager-delete")
         self._writer_lease: locks.Lease | None = None
         self._closed = False
         user_metadata = saving.check_json(dict(metadata or {}), "manager metadata")
         # Several jax.distributed processes: the primary sets the directory up (lock, root
         # file, clean-up) while the others wait, then they all list the same steps.
-        self._group = distributed.current_group()
-        self._primary = self._group is None or self._group.is_primary
+        self._coordinator = current_coordinator()
+        self._primary = self._coordinator.is_primary
         setup = not opts.read_only and self._primary
-        opening = distributed.PrimaryFirst(self._group, f"manager-open:{self._root.url}")
+        opening = self._coordinator.primary_first(f"manager-open:{self._root.url}")
 
         try:
             names = self._open_root()
@@ -363,7 +326,7 @@ class CheckpointManager:
 
         In a multi-process job the primary's answer is every process's: call it on all of them.
         """
-        return distributed.agree(self._group, f"latest_step:{self._root.url}", self._latest_step_here)
+        return self._coordinator.agree(f"latest_step:{self._root.url}", self._latest_step_here)
 
     def _latest_step_here(self) -> int | None:
         with self._lock:
@@ -427,7 +390,7 @@ class CheckpointManager:
         multiple of ``save_interval_steps``, or no step exists yet. In a multi-process job the
         primary decides for every process: call it on all of them.
         """
-        return bool(distributed.agree(self._group, f"should_save:{self._root.url}", lambda: self._should_save_here(step)))
+        return bool(self._coordinator.agree(f"should_save:{self._root.url}", lambda: self._should_save_here(step)))
 
     def reached_preemption(self, step: int) -> bool:
         """Whether every process must save ``step`` now because the job is being preempted.
@@ -435,7 +398,7 @@ class CheckpointManager:
         Call it at every step on every process (JAX's preemption sync manager when
         ``jax.distributed`` runs, else a SIGTERM handler); save and exit when it is true.
         """
-        return preemption.reached_preemption(step, self._group)
+        return self._coordinator.reached_preemption(step)
 
     def _should_save_here(self, step: int) -> bool:
         if self._options.read_only:
@@ -454,7 +417,7 @@ class CheckpointManager:
         return not has_steps
 
     def is_saving_in_progress(self) -> bool:
-        return self._writer.in_progress() or self._deleter.in_progress()
+        return self._engine.in_progress() or self._deleter.in_progress()
 
     # -- save --------------------------------------------------------------------------
 
@@ -488,7 +451,9 @@ class CheckpointManager:
             )
         if not force and not self.should_save(step):
             return False
-        self._writer.wait(self._options.save_timeout)  # a previous background save's error surfaces here
+        self._engine.raise_errors()  # a previous background save's error surfaces here
+        self._engine.make_room(0)  # one step in flight: wait for the previous one (bounded by its deadline)
+        self._engine.raise_errors()
         self._check_writer_lease()
         if not force and self._strategy.is_committed(self._root.child(self._step_name(step))):
             raise StepAlreadyExistsError(
@@ -501,51 +466,63 @@ class CheckpointManager:
         if self._options.best_fn is not None and metrics is None:
             log.warning("step %d saved without metrics while best_fn is set: it is ranked as a step without metrics",
                         step)
-        collective = distributed.plan_collective(self._group)  # in this thread: every process in the same order
-        try:
-            composite, items = self._prepare_items(state)
-        except BaseException as exc:
-            if collective is not None:  # the other processes' save fails now instead of timing out
-                collective.scope.fail(exc)
-            raise
+        operation = self._coordinator.operation("save", "a collective save")  # every process in the same order
+        if not self._options.enable_async_checkpointing:
+            composite, items = self._prepare_items(state, operation, None)
+            self._write_step(step, composite, items, stored_metrics, decoded, score, force, operation)
+            return True
+        (composite, items), snap = self._engine.snapshot(lambda copy: self._prepare_items(state, operation, copy))
 
-        def job() -> None:
+        def write() -> None:
             try:
-                self._write_step(step, composite, items, stored_metrics, decoded, score, force, collective)
+                self._write_step(step, composite, items, stored_metrics, decoded, score, force, operation)
             finally:
                 with self._lock:
                     if self._pending_step == step:
                         self._pending_step = None
 
-        if self._options.enable_async_checkpointing:
+        with self._lock:
+            self._pending_step = step
+        nbytes = sum(payload.nbytes for kind, payload in items.values() if kind == "pytree")
+        try:
+            self._engine.submit(write, snap, nbytes=nbytes, key=self._root.url,
+                                description=f"save step {step} to {self._root.url}")
+        except BaseException:
             with self._lock:
-                self._pending_step = step
-            self._writer.submit(job, description=f"save step {step} to {self._root.url}",
-                                timeout=self._options.save_timeout)
-        else:
-            job()
+                self._pending_step = None
+            raise
         return True
 
-    def _prepare_items(self, state: Any) -> tuple[bool, dict[str, tuple[str, Any]]]:
-        copy = self._options.enable_async_checkpointing  # the caller may change its arrays right away
+    def _prepare_items(
+        self, state: Any, operation: Any, copy_array: Any
+    ) -> tuple[bool, dict[str, tuple[str, Any]]]:
+        """Validate and snapshot every item (``copy_array``: copy NumPy leaves, for a background save)."""
         entries = dict(state) if isinstance(state, Composite) else {DEFAULT_ITEM: state}
         items: dict[str, tuple[str, Any]] = {}
-        for name, value in entries.items():
-            if isinstance(value, Json):
-                data = saving.check_json(value.value, f"Json item {name!r}")
-                items[name] = ("json", json.dumps(data, indent=1, ensure_ascii=False, allow_nan=False).encode())
-            else:
-                items[name] = ("pytree", saving.prepare(value, copy=copy))
+        try:
+            for name, value in entries.items():
+                if isinstance(value, Json):
+                    data = saving.check_json(value.value, f"Json item {name!r}")
+                    items[name] = ("json", json.dumps(data, indent=1, ensure_ascii=False, allow_nan=False).encode())
+                else:
+                    copy = {"copy": True, "copy_array": copy_array} if copy_array is not None else {}
+                    items[name] = ("pytree", saving.prepare(value, **copy))
+        except BaseException as exc:
+            operation.fail(exc)  # the other processes' save fails now instead of timing out
+            raise
         return isinstance(state, Composite), items
 
     def _write_step(
         self, step: int, composite: bool, items: dict[str, tuple[str, Any]], stored_metrics: Any,
-        metrics: Any, score: float | None, force: bool, collective: Any = None,
+        metrics: Any, score: float | None, force: bool, operation: Any,
     ) -> None:
         final = self._root.child(self._step_name(step))
-        strategy = distributed.commit_strategy(self._strategy, collective)  # the primary begins and commits
-        staging = strategy.begin(final)
-        with saving.aborted_on_failure(strategy, staging, f"step {step} to {final.url}"):
+        # The primary begins and commits; a deadline passed in the background aborts before the commit.
+        transaction = saving.Transaction(
+            self._strategy, operation, self._coordinator, before_commit=background.check_deadline
+        )
+        staging = transaction.begin(final)
+        with saving.aborted_on_failure(transaction, staging, f"step {step} to {final.url}"):
             described: dict[str, dict[str, Any]] = {}
             for name, (kind, payload) in items.items():
                 target = staging.child(name)
@@ -557,8 +534,9 @@ class CheckpointManager:
                     described[name] = {"kind": "json"}
                 else:
                     doc = saving.write_contents(
-                        payload, target, url=final.child(name).url, format=self._options.array_format,
-                        format_options=self._options.format_options,
+                        payload, target, url=final.child(name).url, operation=operation,
+                        coordinator=self._coordinator, format=self._options.array_format,
+                        format_options=self._options.format_options, prefix=f"{name}/",
                     )
                     described[name] = {
                         "kind": "pytree", "array_formats": sorted(doc["array_formats"]),
@@ -570,7 +548,7 @@ class CheckpointManager:
             )
             if self._primary:
                 staging.fs.pipe_file(f"{staging.path.rstrip('/')}/{STEP_FILE}", step_doc)
-            strategy.commit(staging, final, replace=force)
+            transaction.commit(staging, final, replace=force)
         with self._lock:
             self._records[step] = StepRecord(step, commit_time, metrics, score)
             self._names[step] = final.name
@@ -581,13 +559,8 @@ class CheckpointManager:
     # -- retention and deletes ---------------------------------------------------------
 
     def _apply_retention(self, just_saved: int) -> None:
-        if self._group is None:
-            self._apply_retention_here(just_saved)
-            return
-        # Several processes: the primary decides and deletes; the others forget the same steps.
-        removed = distributed.agree(
-            self._group, f"retention:{self._root.url}", lambda: self._apply_retention_here(just_saved)
-        )
+        # The primary decides and deletes; the other processes (if any) forget the same steps.
+        removed = self._coordinator.agree(f"retention:{self._root.url}", lambda: self._apply_retention_here(just_saved))
         if not self._primary:
             with self._lock:
                 for step in removed:
@@ -657,10 +630,10 @@ class CheckpointManager:
         self._check_open()
         if self._options.read_only:
             raise ReadOnlyError(f"this CheckpointManager of {self._root.url} is read-only; delete refused")
-        self._writer.wait(self._options.save_timeout)
-        self._deleter.wait(self._options.save_timeout)
+        self._engine.wait()
+        self._deleter.wait()
         # Several processes: the primary deletes; the others wait for it, then forget the step.
-        deleting = distributed.PrimaryFirst(self._group, f"delete:{self._root.url}")
+        deleting = self._coordinator.primary_first(f"delete:{self._root.url}")
         if not self._primary:
             with self._lock:
                 self._records.pop(step, None)
@@ -754,7 +727,9 @@ class CheckpointManager:
                 continue
             item_location = location.child(name)
             doc = self._read_item_index(step, location, name)
-            out[name] = restore_location(item_location, doc, item_target, partial=partial)
+            out[name] = restore_location(
+                item_location, doc, item_target, partial=partial, coordinator=self._coordinator
+            )
         return Composite(out) if meta.composite or isinstance(target, Composite) else out[DEFAULT_ITEM]
 
     def _read_item_index(self, step: int, location: Location, name: str) -> dict[str, Any]:
@@ -834,7 +809,7 @@ class CheckpointManager:
     def wait_until_finished(self) -> None:
         """Wait for the background save and deletes; raise the error of a failed one."""
         try:
-            self._writer.wait()
+            self._engine.wait()
         finally:
             self._deleter.wait()
 
@@ -844,7 +819,10 @@ class CheckpointManager:
             return
         self._closed = True
         try:
-            self.wait_until_finished()
+            try:
+                self._engine.close()  # waits for the step in flight, then frees the snapshot buffers
+            finally:
+                self._deleter.wait()
         finally:
             if self._writer_lease is not None:
                 self._release_lock()  # runs release() once, and never again at garbage collection
@@ -879,9 +857,3 @@ def _check_step(step: Any) -> int:
 def _protocols(fs: Any) -> tuple[str, ...]:
     protocol = fs.protocol
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
-
-
-def _version() -> str:
-    from ckptcore import __version__
-
-    return __version__

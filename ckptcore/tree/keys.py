@@ -34,24 +34,6 @@ def escape_key(key: str | int) -> str:
     return "".join(c if c in _SAFE else "".join(f"%{b:02X}" for b in c.encode()) for c in key)
 
 
-def unescape_key(segment: str) -> str | int:
-    """Inverse of :func:`escape_key`."""
-    if segment == "~e":
-        return ""
-    if segment.startswith("~"):
-        return int(segment[1:])
-    raw = bytearray()
-    i = 0
-    while i < len(segment):
-        if segment[i] == "%":
-            raw.append(int(segment[i + 1 : i + 3], 16))
-            i += 3
-        else:
-            raw += segment[i].encode()
-            i += 1
-    return raw.decode()
-
-
 def storage_key(path: Sequence[str | int]) -> str:
     """The relative storage key of a leaf: its escaped keys joined by ``/``."""
     return "/".join(escape_key(k) for k in path) or "~root"
