@@ -144,7 +144,9 @@ def test_expired_reader_lease_is_ignored_and_cleaned(tmp_path):
     with CheckpointManager(tmp_path, o) as mgr:
         mgr.save(1, state(1))
         # A reader that crashed: its lease stopped being refreshed and expired.
-        lease = lease_files.Lease(mgr._root, f"{lease_files.readers_dir(mgr._root)}/1.deadbeef.json", ttl=-1)
+        lease = lease_files.Lease(
+            mgr._root, f"{lease_files.readers_dir(mgr._root)}/1.deadbeef.json", ttl=-1, kind="reader", step=1
+        )
         mgr._root.fs.makedirs(lease_files.readers_dir(mgr._root), exist_ok=True)
         lease.write()
         mgr.save(2, state(2))
