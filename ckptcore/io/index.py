@@ -10,7 +10,8 @@ from typing import Any
 
 import msgspec
 
-from ckptcore.errors import CheckpointNotFoundError, CorruptCheckpointError, IncompatibleVersionError, StorageError
+from ckptcore import storage
+from ckptcore.errors import CheckpointNotFoundError, CorruptCheckpointError, IncompatibleVersionError
 from ckptcore.io.documents import FORMAT, FORMAT_VERSION, INDEX_FILE, Index, is_newer, read_header
 from ckptcore.plugins.registrations import Location
 
@@ -27,15 +28,11 @@ def encode_index(index: dict[str, Any] | Index) -> bytes:
 
 def read_index(location: Location) -> dict[str, Any]:
     """Load and check the index of the checkpoint at ``location``."""
-    path = f"{location.path.rstrip('/')}/{INDEX_FILE}"
-    try:
-        raw = location.fs.cat_file(path)
-    except FileNotFoundError as exc:
+    raw = storage.read_file(location, INDEX_FILE)
+    if raw is None:
         raise CheckpointNotFoundError(
             f"{location.url} has no checkpoint index ({INDEX_FILE}); it is not a ckptcore checkpoint"
-        ) from exc
-    except OSError as exc:
-        raise StorageError(f"could not read {location.url}/{INDEX_FILE}: {exc}") from exc
+        )
     return parse_index(raw, location.url)
 
 

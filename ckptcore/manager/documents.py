@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import datetime
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
+from ckptcore import storage
 from ckptcore.errors import (
     CorruptCheckpointError,
     IncompatibleVersionError,
     NotACheckpointRootError,
-    StorageError,
 )
 from ckptcore.io.documents import is_newer, read_header
 from ckptcore.plugins.registrations import Location
@@ -94,6 +94,31 @@ def _now_iso(timestamp: float | None = None) -> str:
     return when.isoformat()
 
 
+def _decode(
+    decoder: msgspec.json.Decoder[Any],
+    raw: bytes,
+    expected_format: str,
+    check_version: Callable[[Any], None],
+    *,
+    not_ours: Callable[[Exception], Exception],
+    damaged: Callable[[Exception], Exception],
+    invalid_json: Callable[[Exception], Exception],
+) -> Any:
+    """Decode a document; a failure names why: another kind of file, a newer version, damage, not JSON."""
+    try:
+        doc = decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        header = read_header(raw)
+        if header is None or header.get("format") != expected_format:
+            raise not_ours(exc) from exc
+        check_version(header.get("format_version"))  # a newer layout is an upgrade, not damage
+        raise damaged(exc) from exc
+    except msgspec.DecodeError as exc:
+        raise invalid_json(exc) from exc
+    check_version(doc.format_version)
+    return doc
+
+
 # -- the root file ---------------------------------------------------------------------
 
 
@@ -102,13 +127,9 @@ def read_root_file(root: Location) -> dict[str, Any] | None:
 
     Clear errors when it is not ours, is damaged, or was written by a newer ckptcore.
     """
-    path = f"{root.path.rstrip('/')}/{ROOT_FILE}"
-    try:
-        raw = root.fs.cat_file(path)
-    except FileNotFoundError:
+    raw = storage.read_file(root, ROOT_FILE)
+    if raw is None:
         return None
-    except OSError as exc:
-        raise StorageError(f"could not read {root.url}/{ROOT_FILE}: {exc}") from exc
     return msgspec.to_builtins(decode_root_file(raw, root.url))  # type: ignore[no-any-return]
 
 
@@ -117,17 +138,12 @@ def decode_root_file(raw: bytes, url: str) -> RootDoc:
         "The steps are unaffected: delete that file and open the manager again to rewrite it "
         "(the root metadata it held is lost)."
     )
-    try:
-        doc = _ROOT_DECODER.decode(raw)
-    except msgspec.ValidationError as exc:
-        header = read_header(raw)
-        if header is None or header.get("format") != ROOT_FORMAT:
-            raise NotACheckpointRootError(f"{url}/{ROOT_FILE} is not a ckptcore manager file") from exc
-        _check_root_version(header.get("format_version"), url)
-        raise CorruptCheckpointError(f"{url}/{ROOT_FILE} is damaged: {exc}. {repair}") from exc
-    except msgspec.DecodeError as exc:
-        raise CorruptCheckpointError(f"{url}/{ROOT_FILE} is not valid JSON ({exc}). {repair}") from exc
-    _check_root_version(doc.format_version, url)
+    doc = _decode(
+        _ROOT_DECODER, raw, ROOT_FORMAT, lambda version: _check_root_version(version, url),
+        not_ours=lambda exc: NotACheckpointRootError(f"{url}/{ROOT_FILE} is not a ckptcore manager file"),
+        damaged=lambda why: CorruptCheckpointError(f"{url}/{ROOT_FILE} is damaged: {why}. {repair}"),
+        invalid_json=lambda why: CorruptCheckpointError(f"{url}/{ROOT_FILE} is not valid JSON ({why}). {repair}"),
+    )
     return doc
 
 
@@ -155,16 +171,12 @@ def write_root_file(
 
 def read_step_doc(step: int, location: Location) -> StepDoc:
     """The step file of ``step`` at ``location``; :class:`CorruptCheckpointError` when missing or damaged."""
-    path = f"{location.path.rstrip('/')}/{STEP_FILE}"
-    try:
-        raw = location.fs.cat_file(path)
-    except FileNotFoundError as exc:
+    raw = storage.read_file(location, STEP_FILE)
+    if raw is None:
         raise CorruptCheckpointError(
             f"step {step} at {location.url} has no {STEP_FILE}: it was not written by a ckptcore "
             f"CheckpointManager or is damaged. Restore another step (all_steps()) or delete it (delete({step}))."
-        ) from exc
-    except OSError as exc:
-        raise StorageError(f"could not read {location.url}/{STEP_FILE}: {exc}") from exc
+        )
     return decode_step_doc(raw, step, location.url)
 
 
@@ -175,17 +187,11 @@ def decode_step_doc(raw: bytes, step: int, url: str) -> StepDoc:
             f"(all_steps()) or delete it (delete({step}))."
         )
 
-    try:
-        doc = _STEP_DECODER.decode(raw)
-    except msgspec.ValidationError as exc:
-        header = read_header(raw)
-        if header is None or header.get("format") != STEP_FORMAT:
-            raise damaged(f"not a ckptcore step metadata file: {exc}") from exc
-        _check_step_version(header.get("format_version"), step, url)
-        raise damaged(exc) from exc
-    except msgspec.DecodeError as exc:
-        raise damaged(f"not valid JSON: {exc}") from exc
-    _check_step_version(doc.format_version, step, url)
+    doc = _decode(
+        _STEP_DECODER, raw, STEP_FORMAT, lambda version: _check_step_version(version, step, url),
+        not_ours=lambda exc: damaged(f"not a ckptcore step metadata file: {exc}"),
+        damaged=damaged, invalid_json=lambda why: damaged(f"not valid JSON: {why}"),
+    )
     return doc
 
 

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from ckptcore.errors import PluginError
+from ckptcore.errors import PluginError, StorageError
 from ckptcore.plugins.address import StorageAddress
 from ckptcore.plugins.manager import registry
 from ckptcore.plugins.registrations import AtomicCommit, Location
@@ -41,3 +41,16 @@ def resolve(url: str | os.PathLike[str], options: Mapping[str, Any] | None = Non
 def atomicity(location: Location) -> AtomicCommit:
     """The atomic-commit strategy that serves ``location``'s scheme."""
     return registry().atomicity(location.scheme).strategy
+
+
+def read_file(location: Location, name: str) -> bytes | None:
+    """The bytes of the small file ``name`` in ``location``; ``None`` when it does not exist.
+
+    :raises StorageError: the storage failed (naming the file).
+    """
+    try:
+        return location.fs.cat_file(f"{location.path.rstrip('/')}/{name}")  # type: ignore[no-any-return]
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StorageError(f"could not read {location.url}/{name}: {exc}") from exc
