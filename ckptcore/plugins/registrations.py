@@ -191,23 +191,29 @@ def _check_name(owner: str, name: object) -> None:
         raise TypeError(f"{owner}.name must be a non-empty string, got {name!r}")
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Provided:
+    """Who provided a registration: filled in by the core from the plugin's distribution."""
+
+    distribution: str = ""
+    version: str = ""
+
+
 @dataclass(frozen=True)
-class StorageRegistration:
+class StorageRegistration(_Provided):
     """A storage backend for the URL ``schemes`` it lists (``"file"`` for local paths)."""
 
     WORKER: ClassVar[tuple[str, type]] = ("backend", StorageBackend)
 
     schemes: tuple[str, ...]
     backend: StorageBackend
-    distribution: str = ""
-    version: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schemes", _check_names("StorageRegistration", "schemes", self.schemes))
 
 
 @dataclass(frozen=True)
-class AtomicityRegistration:
+class AtomicityRegistration(_Provided):
     """How checkpoints on the URL ``schemes`` become visible all at once."""
 
     WORKER: ClassVar[tuple[str, type]] = ("strategy", AtomicCommit)
@@ -215,8 +221,6 @@ class AtomicityRegistration:
     schemes: tuple[str, ...]
     strategy: AtomicCommit
     name: str
-    distribution: str = ""
-    version: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schemes", _check_names("AtomicityRegistration", "schemes", self.schemes))
@@ -224,15 +228,13 @@ class AtomicityRegistration:
 
 
 @dataclass(frozen=True)
-class StepLayoutRegistration:
+class StepLayoutRegistration(_Provided):
     """A named way to name step directories (the core's own is ``"prefixed"``)."""
 
     WORKER: ClassVar[tuple[str, type]] = ("layout", StepLayout)
 
     name: str
     layout: StepLayout
-    distribution: str = ""
-    version: str = ""
 
     def __post_init__(self) -> None:
         _check_name("StepLayoutRegistration", self.name)
