@@ -16,8 +16,6 @@ from typing import Any
 
 import ckptcore
 
-__version__ = "0.1.0"
-
 
 class _LazyFormat:
     """Imports NumPy and the implementation on the first read or write, not when plugins load."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import queue
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -137,7 +138,41 @@ def _preadv_all(fd: int, buffers: list[memoryview], offset: int, path: str) -> N
             buffers = [buffers[0][n:], *buffers[1:]]
 
 
-def write_local_files(directory: str, files: Sequence[tuple[str, int, list[tuple[int, memoryview]]]], threads: int) -> None:
+def _sync_file_range() -> Callable[[int, int, int], None] | None:
+    """Linux's ``sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)``, or None where unavailable."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+        fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+        fn.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        return None
+
+    def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+        fn(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE: start writing back, do not wait; errors surface at fsync
+
+    return start_writeback
+
+
+_START_WRITEBACK = _sync_file_range()
+
+
+def _write_job(fd: int, job: _Job, early_writeback: bool) -> None:
+    _pwritev_all(fd, job.buffers, job.offset)
+    if early_writeback and _START_WRITEBACK is not None:
+        # The disk starts on this range while the next ones are copied into the page cache,
+        # instead of all of it at the final fsync (and dirty pages never pile up to the
+        # kernel's throttling limit). The one fsync per file still makes it durable.
+        _START_WRITEBACK(fd, job.offset, job.nbytes)
+
+
+def write_local_files(
+    directory: str, files: Sequence[tuple[str, int, list[tuple[int, memoryview]]]], threads: int, early_writeback: bool = True
+) -> None:
     """Write ``files`` ((name, size, parts sorted by offset)) in parallel, then fsync each once."""
     os.makedirs(directory, exist_ok=True)
     fds: list[int] = []
@@ -148,7 +183,7 @@ def write_local_files(directory: str, files: Sequence[tuple[str, int, list[tuple
             fds.append(fd)
             os.ftruncate(fd, size)  # concurrent writers never race on the file's size
             for job in _jobs(parts, LOCAL_JOB_BYTES, 0, None):
-                tasks.append(lambda fd=fd, job=job: _pwritev_all(fd, job.buffers, job.offset))
+                tasks.append(lambda fd=fd, job=job: _write_job(fd, job, early_writeback))
         _run(threads, tasks)
         _run(threads, [lambda fd=fd: os.fsync(fd) for fd in fds])
     finally:

@@ -33,7 +33,7 @@ import numpy as np
 from ckptcore.errors import CorruptCheckpointError, InvalidOptionError
 from ckptcore_safetensors import fileio, header
 
-OPTIONS = ("max_file_bytes", "threads", "align")
+OPTIONS = ("max_file_bytes", "threads", "align", "early_writeback")
 DEFAULT_MAX_FILE_BYTES = 4 << 30
 # Measured on a 2-core VM with an ext4 disk (benchmarks/bench_safetensors.py): buffered writes
 # to one file serialise on its inode lock, and concurrent reads of one file defeat the kernel's
@@ -133,7 +133,7 @@ class SafetensorsFormat:
             planned.append((name, size, parts))
         local = _local_directory(location)
         if local is not None:
-            fileio.write_local_files(local, planned, threads)
+            fileio.write_local_files(local, planned, threads, bool(options.get("early_writeback", True)))
         else:
             fileio.write_remote_files(location.fs, location.path.rstrip("/"), planned, threads)
         return infos
