@@ -13,7 +13,7 @@ from typing import Any, TypedDict, Unpack
 from ckptcore import progress as progress_lib
 from ckptcore.io import gcpause
 from ckptcore.io.metadata import ArrayMetadata, CheckpointInfo, metadata_tree
-from ckptcore.io.restore import open_committed, restore_location
+from ckptcore.io.restore import open_checkpoint, open_committed, restore_location
 from ckptcore.io.save import resolve, snapshot, write
 from ckptcore.parallel.current import current_coordinator
 from ckptcore.plugins.registrations import ProgressCallback
@@ -81,14 +81,15 @@ def metadata(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any]
 
 def info(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None) -> CheckpointInfo:
     """Everything the index of the checkpoint at ``path`` says; no array data is read."""
-    location, doc = open_committed(path, storage_options)
+    opened = open_checkpoint(path, storage_options)
+    location, doc = opened.location, opened.doc
     return CheckpointInfo(
         url=location.url, tree=metadata_tree(doc), created=doc.get("created", ""),
-        total_bytes=int(doc.get("total_bytes", 0)), format_version=doc["format_version"],
+        total_bytes=int(doc.get("total_bytes", 0)), format_version=int(doc.get("format_version", 0)),
         ckptcore_version=doc.get("ckptcore_version", ""), array_formats=doc.get("array_formats", {}),
         metadata=doc.get("metadata", {}), plugin_metadata=doc.get("plugin_metadata", {}),
         leaves=[(format_key_path(p), r) for p, r in iter_leaves(doc["tree"])],
-        stored_tree=doc["tree"],
+        stored_tree=doc["tree"], layout=opened.layout, layout_description=opened.description,
     )
 
 
@@ -115,8 +116,8 @@ def restore(
     """
     with gcpause.paused(), progress_lib.resolve(progress, f"restoring {path}") as callback:
         # gcpause: a blocking call whose many short-lived objects need no collection
-        location, doc = open_committed(path, storage_options)
+        opened = open_checkpoint(path, storage_options)
         return restore_location(
-            location, doc, target, partial=partial, max_bytes_in_flight=max_bytes_in_flight, progress=callback,
-            coordinator=current_coordinator(),
+            opened.location, opened.doc, target, partial=partial, max_bytes_in_flight=max_bytes_in_flight,
+            progress=callback, coordinator=current_coordinator(), formats=opened.formats,
         )

@@ -19,6 +19,8 @@ from ckptcore.plugins.manager import registry, reset_registry
 from ckptcore.plugins.registrations import (
     ArrayFormatRegistration,
     AtomicityRegistration,
+    CheckpointLayoutRegistration,
+    ForeignCheckpoint,
     Location,
     StepLayoutRegistration,
     StorageRegistration,
@@ -130,6 +132,35 @@ class DatedLayout:
         return int(name[4:]) if name.startswith("day-") and name[4:].isdigit() else None
 
 
+class NpyDirLayout:
+    """Another system's checkpoint: a directory of ``.npy`` files beside a ``NPYDIR`` marker."""
+
+    def recognize(self, location):
+        CALLS.append("layout.recognize")
+        return os.path.exists(f"{location.path}/NPYDIR")
+
+    def open(self, location):
+        CALLS.append("layout.open")
+        items, names = [], sorted(f[:-4] for f in os.listdir(location.path) if f.endswith(".npy"))
+        for name in names:
+            array = np.load(f"{location.path}/{name}.npy", mmap_mode="r", allow_pickle=False)
+            record = {"type": "leaf", "kind": "ndarray", "shape": list(array.shape), "dtype": array.dtype.name,
+                      "nbytes": int(array.nbytes), "format": "npydir", "key": name, "format_info": {"file": f"{name}.npy"}}
+            items.append({"key": name, "key_type": "str", "value": record})
+        tree = {"type": "dict", "items": items}
+        return ForeignCheckpoint(index={"tree": tree}, formats={"npydir": NpyDirReader()}, description="npy directory")
+
+
+class NpyDirReader:
+    def read(self, location, requests, options):
+        CALLS.append("layout.read")
+        out = []
+        for r in requests:
+            whole = np.load(f"{location.path}/{r.info['file']}", mmap_mode="r", allow_pickle=False)
+            out.append([np.array(whole[region], dtype=r.dtype) for region in r.regions])
+        return out
+
+
 class EveryHook:
     @hookimpl
     def ckptcore_storage_backends(self):
@@ -150,6 +181,11 @@ class EveryHook:
     def ckptcore_array_formats(self):
         CALLS.append("ckptcore_array_formats")
         return [ArrayFormatRegistration(name="raw", format=RawFormat(), version=3)]
+
+    @hookimpl
+    def ckptcore_checkpoint_layouts(self):
+        CALLS.append("ckptcore_checkpoint_layouts")
+        return [CheckpointLayoutRegistration(name="npydir", layout=NpyDirLayout())]
 
     @hookimpl
     def ckptcore_default_array_format(self):
@@ -196,6 +232,11 @@ def test_every_hook_is_exercised(tmp_path, every_hook):
     assert ckptcore.clean(f"hooktest://{tmp_path}/run") == [f"hooktest://{tmp_path}/run/half-written"]
     assert sorted(os.listdir(tmp_path / "run")) == ["ck"]
 
+    os.makedirs(tmp_path / "exported")
+    (tmp_path / "exported" / "NPYDIR").write_text("")
+    np.save(tmp_path / "exported" / "w.npy", state["w"])
+    np.testing.assert_array_equal(ckptcore.restore(tmp_path / "exported")["w"], state["w"])  # the layout hook
+
     layouts = {r.name: r for r in registry().step_layouts()}
     assert layouts["dated"].layout.parse_step("day-7", None) == 7 and "prefixed" in layouts
     assert layouts["prefixed"].layout.step_name(7, "step", 4) == "step_0007"
@@ -221,3 +262,29 @@ def test_failed_save_aborts_through_the_strategy(tmp_path, every_hook):
     with pytest.raises(ckptcore.errors.StorageError, match="disk full"):
         ckptcore.save(f"hooktest://{tmp_path}/ck", {"a": np.ones(3)}, format="failing")
     assert "atomicity.abort" in CALLS and not (tmp_path / "ck").exists()
+
+
+def test_a_checkpoint_layout_plugin_reads_another_systems_checkpoint(tmp_path, every_hook):
+    foreign = tmp_path / "exported"
+    foreign.mkdir()
+    (foreign / "NPYDIR").write_text("")
+    w = np.arange(24, dtype=np.float32).reshape(4, 6)
+    np.save(foreign / "w.npy", w)
+    np.save(foreign / "b.npy", np.ones(3, np.int16))
+    info = ckptcore.info(foreign)
+    assert (info.layout, info.layout_description) == ("npydir", "npy directory")
+    assert ckptcore.metadata(foreign)["w"].shape == (4, 6)
+    back = ckptcore.restore(foreign)
+    np.testing.assert_array_equal(back["w"], w)
+    # the same planner as for ckptcore's own checkpoints: partial, casts, shape checks
+    part = ckptcore.restore(foreign, target={"w": np.empty((4, 6), np.float64)}, partial=True)
+    assert list(part) == ["w"] and part["w"].dtype == np.float64
+    np.testing.assert_array_equal(part["w"], w)
+    with pytest.raises(ckptcore.errors.TargetMismatchError, match="shape"):
+        ckptcore.restore(foreign, target={"w": np.empty((6, 4), np.float32)}, partial=True)
+    assert {"ckptcore_checkpoint_layouts", "layout.recognize", "layout.open", "layout.read"} <= set(CALLS)
+    # a directory no layout recognizes is still "no checkpoint"
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ckptcore.errors.CheckpointNotFoundError, match="not a ckptcore checkpoint"):
+        ckptcore.restore(tmp_path / "plain")
+

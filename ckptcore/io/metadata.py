@@ -73,6 +73,8 @@ class CheckpointInfo:
     plugin_metadata: Mapping[str, Any]
     leaves: list[tuple[str, Node]]
     stored_tree: Node  # the tree exactly as the index stores it (plain JSON)
+    layout: str = "ckptcore"  # or the name of the checkpoint-layout plugin that read it ("orbax"...)
+    layout_description: str = "ckptcore layout"
 
 
 def metadata_tree(doc: dict[str, Any]) -> Any:

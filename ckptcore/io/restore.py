@@ -11,6 +11,7 @@ import math
 import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,36 +31,86 @@ from ckptcore.io import gcpause, index, memory, multiwriter
 from ckptcore.io.restore_plan import PendingRead, Planner, fill
 from ckptcore.parallel.coordinator import LOCAL, Coordinator
 from ckptcore.plugins.manager import registry
-from ckptcore.plugins.registrations import Location, ProgressCallback, ReadRequest
+from ckptcore.plugins.registrations import ArrayFormatRegistration, Location, ProgressCallback, ReadRequest
 from ckptcore.tree.keys import format_key_path
-from ckptcore.tree.nodes import iter_leaves
+from ckptcore.tree.nodes import iter_leaves, validate_tree
 
 # Small enough that a restore onto devices (whose host copies are transient) peaks near its
 # result's size, large enough to keep the format's reads parallel.
 DEFAULT_MAX_BYTES_IN_FLIGHT = 256 << 20
 
 
-def open_committed(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> tuple[Location, dict[str, Any]]:
-    """The location and index of the committed checkpoint at ``path``."""
+@dataclass(frozen=True)
+class OpenedCheckpoint:
+    """A checkpoint ready to restore: where it is, its index, and (for another system's layout) its readers."""
+
+    location: Location
+    doc: dict[str, Any]
+    layout: str = "ckptcore"
+    description: str = "ckptcore layout"
+    formats: Mapping[str, Any] = field(default_factory=dict)
+
+
+def open_checkpoint(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> OpenedCheckpoint:
+    """The committed checkpoint at ``path``: ckptcore's own, else one a checkpoint-layout plugin recognizes."""
     location = storage.resolve(path, storage_options)
     strategy = storage.atomicity(location)
-    if not strategy.is_committed(location):
-        try:
-            exists = location.fs.exists(location.path)
-        except OSError as exc:
-            raise StorageError(f"could not check {location.url}: {exc}") from exc
-        if exists and location.fs.isfile(location.path):
-            raise CheckpointNotFoundError(f"{location.url} is a file, not a checkpoint directory; check the path")
-        if exists:
-            raise NotCommittedError(
-                f"{location.url} exists but holds no committed checkpoint: a save there was interrupted or is "
-                "still running. Wait for it, or remove the directory if no save is running."
-            )
-        raise CheckpointNotFoundError(
-            f"no checkpoint at {location.url}; check the path (and, for object stores, the bucket and "
-            "storage_options). A manager's steps are restored with CheckpointManager(root).restore(step)."
+    committed = strategy.is_committed(location)  # on POSIX: any directory (a rename made it visible)
+    if committed and location.fs.exists(f"{location.path.rstrip('/')}/{index.INDEX_FILE}"):
+        return OpenedCheckpoint(location, index.read_index(location))
+    foreign = _open_foreign(location)
+    if foreign is not None:
+        return foreign
+    if committed:
+        index.read_index(location)  # raises the clear "not a ckptcore checkpoint" error
+    try:
+        exists = location.fs.exists(location.path)
+    except OSError as exc:
+        raise StorageError(f"could not check {location.url}: {exc}") from exc
+    if exists and location.fs.isfile(location.path):
+        raise CheckpointNotFoundError(f"{location.url} is a file, not a checkpoint directory; check the path")
+    if exists:
+        raise NotCommittedError(
+            f"{location.url} exists but holds no committed checkpoint: a save there was interrupted or is "
+            "still running. Wait for it, or remove the directory if no save is running."
         )
-    return location, index.read_index(location)
+    raise CheckpointNotFoundError(
+        f"no checkpoint at {location.url}; check the path (and, for object stores, the bucket and "
+        "storage_options). A manager's steps are restored with CheckpointManager(root).restore(step)."
+    )
+
+
+def _open_foreign(location: Location) -> OpenedCheckpoint | None:
+    """The first checkpoint-layout plugin that recognizes ``location`` opens it (its tree validated)."""
+    for reg in registry().checkpoint_layouts():
+        where = f"the {reg.name!r} checkpoint layout ({reg.distribution or 'registered in process'})"
+        try:
+            if not reg.layout.recognize(location):
+                continue
+            opened = reg.layout.open(location)
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CorruptCheckpointError(
+                f"{location.url} looks like a checkpoint of {where}, but reading it failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        doc = dict(opened.index)
+        try:
+            validate_tree(doc.get("tree"))
+        except CheckpointError as exc:
+            raise PluginError(f"{where} described {location.url} with an invalid tree: {exc}") from exc
+        doc.setdefault("array_formats", {name: {} for name in opened.formats})
+        return OpenedCheckpoint(location, doc, reg.name, opened.description, dict(opened.formats))
+    return None
+
+
+def open_committed(
+    path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> tuple[Location, dict[str, Any]]:
+    """The location and index of the committed ckptcore checkpoint (or recognized foreign one) at ``path``."""
+    opened = open_checkpoint(path, storage_options)
+    return opened.location, opened.doc
 
 
 def restore_location(
@@ -71,13 +122,18 @@ def restore_location(
     max_bytes_in_flight: int | None = None,
     progress: ProgressCallback | None = None,
     coordinator: Coordinator = LOCAL,
+    formats: Mapping[str, Any] | None = None,
 ) -> Any:
     """Restore from a location whose index ``doc`` is already read (commit checked by the caller).
 
     For callers that commit several checkpoints as one unit, such as a manager's items.
+    ``formats`` are the readers of a checkpoint of another layout (see :func:`open_checkpoint`),
+    which read from ``location`` itself rather than from a format's directory inside it.
     """
     with gcpause.paused():  # thousands of leaves: see ckptcore.gcpause
-        return _restore_location(location, doc, target, partial, max_bytes_in_flight, progress, coordinator)
+        return _restore_location(
+            location, doc, target, partial, max_bytes_in_flight, progress, coordinator, formats or {}
+        )
 
 
 def _restore_location(
@@ -88,6 +144,7 @@ def _restore_location(
     max_bytes_in_flight: int | None,
     progress: ProgressCallback | None,
     coordinator: Coordinator,
+    formats: Mapping[str, Any],
 ) -> Any:
     target, widen = coordinator.narrow_targets(target)  # what this process reads itself (all, unless single-replica)
     planner = Planner(partial)
@@ -95,12 +152,18 @@ def _restore_location(
     if planner.missing:  # only for "did you mean" hints: thousands of paths are costly to format
         planner.saved_paths = [format_key_path(p) for p, _ in iter_leaves(doc["tree"])]
     planner.raise_if_mismatched(location.url)
-    _execute_reads(location, doc, planner.reads, max_bytes_in_flight or DEFAULT_MAX_BYTES_IN_FLIGHT, progress)
+    limit = max_bytes_in_flight or DEFAULT_MAX_BYTES_IN_FLIGHT
+    _execute_reads(location, doc, planner.reads, limit, progress, formats)
     return widen(fill(skeleton, {id(r.slot) for r in planner.reads}))
 
 
 def _execute_reads(
-    location: Location, doc: dict[str, Any], reads: list[PendingRead], limit: int, progress: ProgressCallback | None
+    location: Location,
+    doc: dict[str, Any],
+    reads: list[PendingRead],
+    limit: int,
+    progress: ProgressCallback | None,
+    foreign: Mapping[str, Any],
 ) -> None:
     by_format: dict[str, list[PendingRead]] = {}
     for r in reads:
@@ -109,16 +172,19 @@ def _execute_reads(
     total = sum(nbytes.values())
     done = 0
     for name, group in by_format.items():
-        fmt = _format_for(name, doc, location.url)
+        if name in foreign:  # another layout's reader: its data is where the checkpoint is
+            fmt, base = ArrayFormatRegistration(name=name, format=foreign[name]), location
+        else:
+            fmt, base = _format_for(name, doc, location.url), location.child(name)
         waves = _waves(group, limit)
         # The next wave is read while this one is verified and finished: disk and CPU overlap.
         # The read buffers in flight stay one wave's (finishing allocates nothing for NumPy).
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptcore-read") as reader:
-            pending = reader.submit(_read_wave, fmt, location, name, waves[0]) if waves else None
+            pending = reader.submit(_read_wave, fmt, base, name, waves[0]) if waves else None
             for k, wave in enumerate(waves):
                 assert pending is not None
                 results = pending.result()
-                pending = reader.submit(_read_wave, fmt, location, name, waves[k + 1]) if k + 1 < len(waves) else None
+                pending = reader.submit(_read_wave, fmt, base, name, waves[k + 1]) if k + 1 < len(waves) else None
                 _finish_wave(wave, results, nbytes)
                 del results
                 wave_bytes = sum(nbytes[id(r)] for r in wave)
@@ -130,9 +196,10 @@ def _execute_reads(
 
 
 def _read_wave(fmt: Any, location: Location, name: str, wave: list[PendingRead]) -> list[list[np.ndarray]]:
+    """Read one wave from ``location`` (the format's directory, or a foreign checkpoint's own)."""
     try:
         # fmt.format.read, also for leaves written by several processes
-        results = multiwriter.read_arrays(fmt.format, location.child(name), [r.request for r in wave], {})
+        results = multiwriter.read_arrays(fmt.format, location, [r.request for r in wave], {})
     except CheckpointError:
         raise
     except Exception as exc:

@@ -26,6 +26,7 @@ import pluggy
 from ckptcore.plugins.registrations import (
     ArrayFormatRegistration,
     AtomicityRegistration,
+    CheckpointLayoutRegistration,
     SaveContext,
     StepLayoutRegistration,
     StorageRegistration,
@@ -153,6 +154,33 @@ def ckptcore_default_array_format() -> str | None:
         @hookimpl
         def ckptcore_default_array_format():
             return "npy"
+    """
+
+
+# -- checkpoint layouts --------------------------------------------------------------------
+
+
+@hookspec
+def ckptcore_checkpoint_layouts() -> Sequence[CheckpointLayoutRegistration]:
+    """Checkpoint layouts: read checkpoints written by other systems through ckptcore's restore.
+
+    Called once per process, the first time a path holds no committed ckptcore checkpoint
+    (``restore``, ``metadata``, ``info``, ``ckptcore inspect``). ckptcore's own layout is the
+    default one and always comes first; then each registered layout's
+    ``recognize(location)`` is asked, in registration order, and the first that answers
+    ``True`` opens the checkpoint. ``open`` returns a
+    :class:`~ckptcore.plugins.registrations.ForeignCheckpoint`: a ckptcore index document
+    built in memory plus readers for the array formats its records name, so targets,
+    partial restores, casts, resharding, ``max_bytes_in_flight`` and progress work exactly
+    as for ckptcore's own checkpoints. Never execute or unpickle anything read.
+
+    :return: registrations naming each layout and carrying its recognizer/reader object.
+
+    Example::
+
+        @hookimpl
+        def ckptcore_checkpoint_layouts():
+            return [CheckpointLayoutRegistration(name="npz", layout=NpzLayout())]
     """
 
 

@@ -56,6 +56,7 @@ from ckptcore.plugins.hints import format_hint, scheme_hint
 from ckptcore.plugins.registrations import (
     ArrayFormatRegistration,
     AtomicityRegistration,
+    CheckpointLayoutRegistration,
     StepLayoutRegistration,
     StorageRegistration,
     missing_methods,
@@ -73,6 +74,7 @@ REGISTRATION_HOOKS: dict[str, type] = {
     "ckptcore_atomicity_strategies": AtomicityRegistration,
     "ckptcore_step_layouts": StepLayoutRegistration,
     "ckptcore_array_formats": ArrayFormatRegistration,
+    "ckptcore_checkpoint_layouts": CheckpointLayoutRegistration,
 }
 """Each registration hook and the type of what it returns."""
 
@@ -367,6 +369,10 @@ class PluginRegistry:
 
     def step_layouts(self) -> list[StepLayoutRegistration]:
         return self._collect("ckptcore_step_layouts")
+
+    def checkpoint_layouts(self) -> list[CheckpointLayoutRegistration]:
+        """The layouts of other systems' checkpoints, in registration order."""
+        return self._collect("ckptcore_checkpoint_layouts")
 
     def default_array_format(self) -> str:
         name = self.hook.ckptcore_default_array_format()

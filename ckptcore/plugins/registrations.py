@@ -191,6 +191,38 @@ def _check_name(owner: str, name: object) -> None:
         raise TypeError(f"{owner}.name must be a non-empty string, got {name!r}")
 
 
+@runtime_checkable
+class CheckpointLayout(Protocol):
+    """Recognises checkpoints written by another system and describes them in ckptcore's terms."""
+
+    def recognize(self, location: Location) -> bool:
+        """Whether ``location`` holds a checkpoint of this layout; cheap (reads small files only)."""
+        ...
+
+    def open(self, location: Location) -> ForeignCheckpoint:
+        """The checkpoint at ``location`` as an in-memory ckptcore index and the readers of its arrays."""
+        ...
+
+
+@dataclass(frozen=True)
+class ForeignCheckpoint:
+    """A checkpoint of another layout, described so that ckptcore's one restore planner reads it.
+
+    ``index`` is a ckptcore index document (what ``ckptcore_index.json`` holds) built in
+    memory: at least ``tree`` (ckptcore tree nodes; array leaves are records with ``kind``,
+    ``shape``, ``dtype``, ``nbytes``, ``format``, ``key`` and ``format_info``), and optionally
+    ``created``, ``metadata`` and ``total_bytes``. ``formats`` maps each format name the
+    records use to the object that reads them: its ``read(location, requests, options)``
+    gets the checkpoint's location and each record's ``format_info`` as ``request.info``
+    (the same contract as :class:`ArrayFormat`, reading only). Records without a checksum
+    are read unverified. ``description`` is what ``ckptcore inspect`` says about it.
+    """
+
+    index: Mapping[str, Any]
+    formats: Mapping[str, Any]
+    description: str
+
+
 @dataclass(frozen=True, kw_only=True)
 class _Provided:
     """Who provided a registration: filled in by the core from the plugin's distribution."""
@@ -238,6 +270,19 @@ class StepLayoutRegistration(_Provided):
 
     def __post_init__(self) -> None:
         _check_name("StepLayoutRegistration", self.name)
+
+
+@dataclass(frozen=True)
+class CheckpointLayoutRegistration(_Provided):
+    """A named layout of checkpoints written by another system (``"orbax"``, ``"huggingface"``...)."""
+
+    WORKER: ClassVar[tuple[str, type]] = ("layout", CheckpointLayout)
+
+    name: str
+    layout: CheckpointLayout
+
+    def __post_init__(self) -> None:
+        _check_name("CheckpointLayoutRegistration", self.name)
 
 
 @dataclass(frozen=True)
