@@ -16,6 +16,8 @@ from ckptcore.version import __version__
 # public name -> module that defines it (imported on first access)
 _LAZY = {
     "save": "ckptcore.api",
+    "abstract": "ckptcore.api",
+    "SaveOptions": "ckptcore.api",
     "restore": "ckptcore.api",
     "metadata": "ckptcore.api",
     "info": "ckptcore.api",
@@ -55,7 +57,7 @@ _SUBMODULES = ("progress",)
 __all__ = ["CheckpointError", "errors", "__version__", *_LAZY, *_SUBMODULES]
 
 if TYPE_CHECKING:
-    from ckptcore.api import ArrayMetadata, CheckpointInfo, info, metadata, restore, save
+    from ckptcore.api import ArrayMetadata, CheckpointInfo, SaveOptions, abstract, info, metadata, restore, save
     from ckptcore.checkpointers.checkpointer import AsyncCheckpointer, Checkpointer
     from ckptcore.manager.composite import Composite, Json
     from ckptcore.manager.evaluation import checkpoints_iterator, wait_for_new_checkpoint

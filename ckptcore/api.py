@@ -10,9 +10,12 @@ import os
 from collections.abc import Mapping
 from typing import Any, TypedDict, Unpack
 
+import numpy as np
+
 from ckptcore import progress as progress_lib
 from ckptcore.io import gcpause
 from ckptcore.io.metadata import ArrayMetadata, CheckpointInfo, metadata_tree
+from ckptcore.io.plans import is_jax_value
 from ckptcore.io.restore import open_checkpoint, open_committed, restore_location
 from ckptcore.io.save import resolve, snapshot, write
 from ckptcore.parallel.current import current_coordinator
@@ -20,7 +23,7 @@ from ckptcore.plugins.registrations import ProgressCallback
 from ckptcore.tree.keys import format_key_path
 from ckptcore.tree.nodes import iter_leaves
 
-__all__ = ["ArrayMetadata", "CheckpointInfo", "SaveOptions", "info", "metadata", "restore", "save"]
+__all__ = ["ArrayMetadata", "CheckpointInfo", "SaveOptions", "abstract", "info", "metadata", "restore", "save"]
 
 
 class SaveOptions(TypedDict, total=False):
@@ -121,3 +124,19 @@ def restore(
             opened.location, opened.doc, target, partial=partial, max_bytes_in_flight=max_bytes_in_flight,
             progress=callback, coordinator=current_coordinator(), formats=opened.formats,
         )
+
+
+def abstract(leaf: Any) -> Any:
+    """What a restore target needs of ``leaf``, without its data: ``jax.tree.map(ckptcore.abstract, state)``.
+
+    A ``jax.Array`` becomes a ``jax.ShapeDtypeStruct`` with its sharding (restored onto the
+    same devices); a NumPy array an :class:`ArrayMetadata` (restored as a NumPy array of its
+    shape and dtype); anything else (scalars, strings, ``None``) is returned as it is.
+    """
+    if is_jax_value(leaf):
+        import jax
+
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None))
+    if isinstance(leaf, np.ndarray):
+        return ArrayMetadata(shape=tuple(leaf.shape), dtype=leaf.dtype, nbytes=int(leaf.nbytes), format="")
+    return leaf

@@ -50,7 +50,7 @@ class Index(msgspec.Struct, kw_only=True):
     tree: Annotated[
         dict[str, Any],
         _doc(
-            "the pytree: nodes `dict` (with key types), `list`, `tuple`, `namedtuple`, `none` and `leaf`; a leaf "
+            "the pytree: nodes `dict` (with key types), `list`, `tuple`, `namedtuple`, `node` (a JAX pytree node: `node_type` for display only, `items` of `key`/`key_kind` attr, dict or index), `none` and `leaf`; a leaf "
             "holds an inline scalar or an array record (kind, shape, dtype, sharding, format, storage key, "
             "byte size, CRC-32C checksum)"
         ),
