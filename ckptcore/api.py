@@ -18,12 +18,16 @@ from ckptcore.io.metadata import ArrayMetadata, CheckpointInfo, metadata_tree
 from ckptcore.io.plans import is_jax_value
 from ckptcore.io.restore import open_checkpoint, open_committed, restore_location
 from ckptcore.io.save import resolve, snapshot, write
+from ckptcore.io.transforms import RestoreReport, Transforms, last_restore_report
 from ckptcore.parallel.current import current_coordinator
 from ckptcore.plugins.registrations import ProgressCallback
 from ckptcore.tree.keys import format_key_path
 from ckptcore.tree.nodes import iter_leaves
 
-__all__ = ["ArrayMetadata", "CheckpointInfo", "SaveOptions", "abstract", "info", "metadata", "restore", "save"]
+__all__ = [
+    "ArrayMetadata", "CheckpointInfo", "RestoreReport", "SaveOptions", "Transforms", "abstract", "info",
+    "last_restore_report", "metadata", "restore", "save",
+]
 
 
 class SaveOptions(TypedDict, total=False):
@@ -104,6 +108,8 @@ def restore(
     storage_options: Mapping[str, Any] | None = None,
     max_bytes_in_flight: int | None = None,
     progress: ProgressCallback | bool | None = None,
+    transforms: Transforms | None = None,
+    report: bool = False,
 ) -> Any:
     """Restore the checkpoint at ``path``.
 
@@ -115,15 +121,21 @@ def restore(
     :param partial: the target may name a subset of the checkpoint; only those leaves are read.
     :param max_bytes_in_flight: the most array bytes read at once (bounds memory beyond the result).
     :param progress: ``True`` for a progress bar, or a callable(bytes read, bytes total).
+    :param transforms: a :class:`ckptcore.Transforms` mapping the checkpoint onto a target that
+        differs from it (renamed keys, computed leaves, leaves kept from the target).
+    :param report: return ``(tree, RestoreReport)``; the report of the last restore in this
+        thread is also :func:`ckptcore.last_restore_report`.
     :raises TargetMismatchError: listing every missing key, extra key and shape mismatch.
+    :raises TransformError: a transform raised or is invalid (naming the key path).
     """
     with gcpause.paused(), progress_lib.resolve(progress, f"restoring {path}") as callback:
         # gcpause: a blocking call whose many short-lived objects need no collection
         opened = open_checkpoint(path, storage_options)
-        return restore_location(
+        tree = restore_location(
             opened.location, opened.doc, target, partial=partial, max_bytes_in_flight=max_bytes_in_flight,
-            progress=callback, coordinator=current_coordinator(), formats=opened.formats,
+            progress=callback, coordinator=current_coordinator(), formats=opened.formats, transforms=transforms,
         )
+    return (tree, last_restore_report()) if report else tree
 
 
 def abstract(leaf: Any) -> Any:

@@ -133,3 +133,11 @@ class ProcessFailedError(CheckpointError):
 
 
 __all__ += ["BackgroundWriteError", "ProcessFailedError"]
+
+
+class TransformError(CheckpointError, ValueError):
+    """A restore transformation is invalid or failed: a bad pattern, two saved keys renamed onto one,
+    or a ``value_fn`` that raised (the message names the key path; nothing on storage is changed)."""
+
+
+__all__ += ["TransformError"]

@@ -26,9 +26,11 @@ from ckptcore.errors import (
     NotCommittedError,
     PluginError,
     StorageError,
+    TransformError,
 )
 from ckptcore.io import gcpause, index, memory, multiwriter
 from ckptcore.io.restore_plan import PendingRead, Planner, fill
+from ckptcore.io.transforms import RestoreReport, TransformPlan, Transforms, set_last_report
 from ckptcore.parallel.coordinator import LOCAL, Coordinator
 from ckptcore.plugins.manager import registry
 from ckptcore.plugins.registrations import ArrayFormatRegistration, Location, ProgressCallback, ReadRequest
@@ -123,16 +125,20 @@ def restore_location(
     progress: ProgressCallback | None = None,
     coordinator: Coordinator = LOCAL,
     formats: Mapping[str, Any] | None = None,
+    transforms: Transforms | None = None,
 ) -> Any:
     """Restore from a location whose index ``doc`` is already read (commit checked by the caller).
 
     For callers that commit several checkpoints as one unit, such as a manager's items.
     ``formats`` are the readers of a checkpoint of another layout (see :func:`open_checkpoint`),
     which read from ``location`` itself rather than from a format's directory inside it.
+    ``transforms`` map the checkpoint onto a target that differs from it (see
+    :mod:`ckptcore.io.transforms`). The restore's report is left in
+    :func:`ckptcore.io.transforms.last_restore_report`.
     """
     with gcpause.paused():  # thousands of leaves: see ckptcore.gcpause
         return _restore_location(
-            location, doc, target, partial, max_bytes_in_flight, progress, coordinator, formats or {}
+            location, doc, target, partial, max_bytes_in_flight, progress, coordinator, formats or {}, transforms
         )
 
 
@@ -145,16 +151,35 @@ def _restore_location(
     progress: ProgressCallback | None,
     coordinator: Coordinator,
     formats: Mapping[str, Any],
+    transforms: Transforms | None = None,
 ) -> Any:
     target, widen = coordinator.narrow_targets(target)  # what this process reads itself (all, unless single-replica)
-    planner = Planner(partial)
-    skeleton = planner.plan(doc["tree"], target, (), target is not None)
+    tree, plan = doc["tree"], None
+    if transforms is not None:
+        if target is None:
+            raise TransformError(
+                f"restoring {location.url} with transforms needs a target: the transforms map the saved keys "
+                "onto its key paths (e.g. target=jax.eval_shape(init) or ckptcore.metadata(path))"
+            )
+        plan = TransformPlan(transforms, tree, location.url)
+        tree = plan.encode_target(target)
+    planner = Planner(partial, plan)
+    skeleton = planner.plan(tree, target, (), target is not None)
+    if plan is not None:
+        plan.raise_if_invalid()
     if planner.missing:  # only for "did you mean" hints: thousands of paths are costly to format
         planner.saved_paths = [format_key_path(p) for p, _ in iter_leaves(doc["tree"])]
     planner.raise_if_mismatched(location.url)
     limit = max_bytes_in_flight or DEFAULT_MAX_BYTES_IN_FLIGHT
-    _execute_reads(location, doc, planner.reads, limit, progress, formats)
-    return widen(fill(skeleton, {id(r.slot) for r in planner.reads}))
+    nbytes = _execute_reads(location, doc, planner.reads, limit, progress, formats)
+    slots = {id(r.slot) for r in planner.reads}
+    report = RestoreReport(url=location.url) if plan is None else plan.report
+    if plan is not None:
+        plan.compute()
+        slots |= plan.slot_ids()
+    report.leaves_read, report.bytes_read = len(planner.reads), nbytes
+    set_last_report(report)
+    return widen(fill(skeleton, slots))
 
 
 def _execute_reads(
@@ -164,7 +189,7 @@ def _execute_reads(
     limit: int,
     progress: ProgressCallback | None,
     foreign: Mapping[str, Any],
-) -> None:
+) -> int:
     by_format: dict[str, list[PendingRead]] = {}
     for r in reads:
         by_format.setdefault(r.record.get("format", ""), []).append(r)
@@ -193,6 +218,7 @@ def _execute_reads(
                 done += wave_bytes
                 if progress:
                     progress(done, total)
+    return total
 
 
 def _read_wave(fmt: Any, location: Location, name: str, wave: list[PendingRead]) -> list[list[np.ndarray]]:

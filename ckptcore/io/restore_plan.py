@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from ckptcore.tree.nodes import ARRAY_KINDS, Node, build_container, children, de
 from ckptcore.tree.pytrees import FlatNode, flatten_node
 
 _CONTAINER_KINDS = ("dict", "list", "tuple", "namedtuple", "node")
+
+TRANSFORMED_KIND = "ckptcore-transformed"
+"""The kind of the leaf records a restore transformation puts in the tree it plans (never in an index)."""
 
 
 @dataclass
@@ -46,11 +49,27 @@ class PendingRead:
     slot: list[Any]
 
 
-class Planner:
-    """Walks the stored tree beside the target, collecting reads and every mismatch."""
+class LeafTransformer(Protocol):
+    """What the planner asks of a restore transformation (see :mod:`ckptcore.io.transforms`)."""
 
-    def __init__(self, partial: bool) -> None:
+    def plan_transformed(self, planner: Planner, record: Node, target: Any, path: KeyPath) -> Any:
+        """The skeleton entry of a target leaf the transformation computes, fills or skips."""
+
+    def target_for(self, target: Any) -> Any:
+        """The target leaf a plain read uses (e.g. with the fallback sharding)."""
+
+
+class Planner:
+    """Walks the stored tree beside the target, collecting reads and every mismatch.
+
+    With a ``transformer`` the tree walked is the one a restore transformation built from
+    the target (renamed saved records and ``TRANSFORMED_KIND`` records), see
+    :mod:`ckptcore.io.transforms`; without one (the plain restore) nothing else changes.
+    """
+
+    def __init__(self, partial: bool, transformer: LeafTransformer | None = None) -> None:
         self.partial = partial
+        self.transformer = transformer
         self.reads: list[PendingRead] = []
         self.missing: list[str] = []
         self.unexpected: list[str] = []
@@ -71,6 +90,10 @@ class Planner:
         return self._container(node, target, path)
 
     def _leaf(self, record: Node, target: Any, path: KeyPath) -> Any:
+        if self.transformer is not None:
+            if record.get("kind") == TRANSFORMED_KIND:
+                return self.transformer.plan_transformed(self, record, target, path)
+            target = self.transformer.target_for(target)
         if record.get("kind") not in ARRAY_KINDS:
             value = decode_scalar(path, record)
             return self._scalar_onto(value, target, path) if arrays.is_jax_value(target) else value

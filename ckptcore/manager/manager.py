@@ -54,6 +54,7 @@ from ckptcore.io import index
 from ckptcore.io import save as saving
 from ckptcore.io.metadata import metadata_tree
 from ckptcore.io.restore import restore_location
+from ckptcore.io.transforms import Transforms, last_restore_report, merge_reports, set_last_report
 from ckptcore.manager.composite import DEFAULT_ITEM, Composite, Json
 from ckptcore.manager.documents import (
     JSON_ITEM_FILE,
@@ -675,13 +676,20 @@ class CheckpointManager:
 
     # -- restore -----------------------------------------------------------------------
 
-    def restore(self, step: int | None = None, target: Any = None, *, partial: bool = False) -> Any:
+    def restore(
+        self, step: int | None = None, target: Any = None, *, partial: bool = False,
+        transforms: Transforms | Mapping[str, Transforms] | None = None,
+    ) -> Any:
         """Restore ``step`` (default: the latest committed step).
 
         :param target: as for :func:`ckptcore.restore` (a tree of arrays or abstract arrays
             saying shapes, dtypes, shardings); for a composite step a :class:`ckptcore.Composite`
             naming the items to restore (a subset is fine; an item ``None`` comes back as saved).
         :param partial: the target(s) may name a subset of the saved leaves.
+        :param transforms: a :class:`ckptcore.Transforms` (for every pytree item restored), or
+            ``{item name: Transforms}`` for a composite step; see :func:`ckptcore.restore`.
+            :func:`ckptcore.last_restore_report` then says what they did (key paths of a
+            composite step prefixed with ``<item>/``).
         :returns: the tree (a Composite for composite steps; Json items as their values).
 
         While it reads, the step holds a reader lease, so retention in any process leaves it alone.
@@ -692,7 +700,7 @@ class CheckpointManager:
         lease = self._reader_lease(step)
         try:
             meta = self._read_step_doc(step, location)
-            result = self._restore_items(step, location, meta, target, partial)
+            result = self._restore_items(step, location, meta, target, partial, transforms)
         finally:
             if lease is not None:
                 lease.release()
@@ -700,7 +708,10 @@ class CheckpointManager:
             self._restored_step = step
         return result
 
-    def _restore_items(self, step: int, location: Location, meta: StepMetadata, target: Any, partial: bool) -> Any:
+    def _restore_items(
+        self, step: int, location: Location, meta: StepMetadata, target: Any, partial: bool,
+        transforms: Transforms | Mapping[str, Transforms] | None = None,
+    ) -> Any:
         saved = meta.items
         if isinstance(target, Composite):
             unknown = sorted(set(target) - set(saved))
@@ -719,6 +730,7 @@ class CheckpointManager:
         else:
             wanted = {DEFAULT_ITEM: target}
         out = {}
+        reports = {}
         for name, item_target in wanted.items():
             if name not in saved:
                 raise CorruptCheckpointError(f"step {step} at {location.url} lists no item {name!r}")
@@ -727,9 +739,15 @@ class CheckpointManager:
                 continue
             item_location = location.child(name)
             doc = self._read_item_index(step, location, name)
+            item_transforms = transforms.get(name) if isinstance(transforms, Mapping) else transforms
             out[name] = restore_location(
-                item_location, doc, item_target, partial=partial, coordinator=self._coordinator
+                item_location, doc, item_target, partial=partial, coordinator=self._coordinator,
+                transforms=item_transforms,
             )
+            reports[name] = last_restore_report()
+        composite = meta.composite or isinstance(target, Composite)
+        if composite and reports:
+            set_last_report(merge_reports(location.url, {k: v for k, v in reports.items() if v is not None}))
         return Composite(out) if meta.composite or isinstance(target, Composite) else out[DEFAULT_ITEM]
 
     def _read_item_index(self, step: int, location: Location, name: str) -> dict[str, Any]:

@@ -23,6 +23,19 @@ def format_key_path(path: Sequence[str | int]) -> str:
     return "".join(f"[{k!r}]" for k in path) or "<root>"
 
 
+def key_path_text(path: Sequence[str | int]) -> str:
+    """A key path in the ``/``-joined form of restore transforms and the CLI: ``encoder/layer_0/kernel``.
+
+    Integer keys (list and tuple positions, int dict keys) are written in decimal; a ``/`` or
+    ``\\`` inside a key is escaped with a backslash (``a\\/b``); the root is ``""``.
+    """
+    return "/".join(
+        str(k) if isinstance(k, int) or ("/" not in k and "\\" not in k)
+        else k.replace("\\", "\\\\").replace("/", "\\/")
+        for k in path
+    )
+
+
 def escape_key(key: str | int) -> str:
     """One key as a safe path segment."""
     if isinstance(key, int):
