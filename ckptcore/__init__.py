@@ -52,7 +52,7 @@ _LAZY = {
 }
 
 # public submodules, also imported on first access (``ckptcore.progress.bar()``)
-_SUBMODULES = ("progress",)
+_SUBMODULES = ("progress", "policies")
 
 __all__ = ["CheckpointError", "errors", "__version__", *_LAZY, *_SUBMODULES]
 

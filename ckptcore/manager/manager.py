@@ -23,9 +23,8 @@ import math
 import operator
 import os
 import threading
-import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +54,7 @@ from ckptcore.io import save as saving
 from ckptcore.io.metadata import metadata_tree
 from ckptcore.io.restore import restore_location
 from ckptcore.io.transforms import Transforms, last_restore_report, merge_reports, set_last_report
+from ckptcore.manager import policies
 from ckptcore.manager.composite import DEFAULT_ITEM, Composite, Json
 from ckptcore.manager.documents import (
     JSON_ITEM_FILE,
@@ -67,7 +67,7 @@ from ckptcore.manager.documents import (
 )
 from ckptcore.manager.listing import committed_steps, list_names
 from ckptcore.manager.options import CheckpointManagerOptions
-from ckptcore.manager.retention import StepRecord, steps_to_delete
+from ckptcore.manager.retention import StepRecord, policy_info, steps_to_delete
 from ckptcore.parallel.current import current_coordinator
 from ckptcore.plugins.manager import registry
 from ckptcore.plugins.registrations import Location
@@ -278,9 +278,10 @@ class CheckpointManager:
         return StepRecord(step, when, meta.metrics, self._score(step, meta.metrics, strict=False))
 
     def _score(self, step: int, metrics: Any, *, strict: bool) -> float | None:
-        best_fn = self._options.best_fn
-        if best_fn is None or metrics is None:
+        ranking = self._ranking
+        if ranking is None or metrics is None:
             return None
+        best_fn = ranking[0]
         try:
             score = best_fn(metrics)
             if getattr(score, "shape", None) == () and hasattr(score, "item"):
@@ -334,21 +335,27 @@ class CheckpointManager:
             return max(self._records, default=None)
 
     def best_step(self) -> int | None:
-        """The best step by ``best_fn`` (the latest step without ``best_fn``); ``None`` if none is scored."""
-        if self._options.best_fn is None:
+        """The best step by ``best_fn`` (the latest step without ``best_fn``); ``None`` if none is scored.
+
+        Without ``best_fn``, a ``BestN`` in ``preservation_policy`` ranks the steps (orbax then
+        returns the latest step).
+        """
+        ranking = self._ranking
+        if ranking is None:
             return self.latest_step()
         with self._lock:
             scored = [r for r in self._records.values() if r.score is not None]
         if not scored:
             return None
-        worst = -math.inf if self._options.best_mode == "max" else math.inf
+        mode = ranking[1]
+        worst = -math.inf if mode == "max" else math.inf
 
         def quality(r: StepRecord) -> float:
             score = float(r.score if r.score is not None else worst)
             return worst if math.isnan(score) else score
 
         # orbax's order: stable sort by score (ascending quality), the best is last.
-        ranked = sorted(sorted(scored, key=lambda r: r.step), key=quality, reverse=self._options.best_mode == "min")
+        ranked = sorted(sorted(scored, key=lambda r: r.step), key=quality, reverse=mode == "min")
         return ranked[-1].step
 
     def metrics(self, step: int) -> Any:
@@ -387,11 +394,36 @@ class CheckpointManager:
         """Whether :meth:`save` would write ``step`` now (orbax's rules).
 
         False when read-only or when ``step`` is not newer than the latest step (saved or
-        in flight). Otherwise ``should_save_fn(step, latest)`` when given, else: ``step`` is a
-        multiple of ``save_interval_steps``, or no step exists yet. In a multi-process job the
-        primary decides for every process: call it on all of them.
+        in flight). Otherwise what the save decision policy says
+        (:meth:`CheckpointManagerOptions.effective_save_decision_policy`: by default ``step``
+        is a multiple of ``save_interval_steps``, or no step exists yet). In a multi-process job
+        the primary decides for every process: call it on all of them.
         """
-        return bool(self._coordinator.agree(f"should_save:{self._root.url}", lambda: self._should_save_here(step)))
+        # Preemption is agreed by every process (a collective), so it is asked before the
+        # primary decides; and only of a policy that saves on preemption.
+        preempted = (not self._options.read_only and policies.uses_preemption(self._save_policy)
+                     and self.reached_preemption(step))
+        return bool(self._coordinator.agree(
+            f"should_save:{self._root.url}", lambda: self._should_save_here(step, bool(preempted))
+        ))
+
+    @property
+    def _save_policy(self) -> Any:
+        return self._options.effective_save_decision_policy()
+
+    @property
+    def _preservation_policy(self) -> Any:
+        return self._options.effective_preservation_policy()
+
+    @property
+    def _ranking(self) -> tuple[Callable[[Any], Any], str] | None:
+        """What ranks steps for best_step: best_fn, else the preservation policy's (first) BestN."""
+        if self._options.best_fn is not None:
+            return self._options.best_fn, self._options.best_mode
+        best = policies.first_best_n(self._preservation_policy)
+        if best is None or best.get_metric_fn is None:
+            return None
+        return best.get_metric_fn, str(best.mode)
 
     def reached_preemption(self, step: int) -> bool:
         """Whether every process must save ``step`` now because the job is being preempted.
@@ -401,21 +433,19 @@ class CheckpointManager:
         """
         return self._coordinator.reached_preemption(step)
 
-    def _should_save_here(self, step: int) -> bool:
+    def _should_save_here(self, step: int, preempted: bool = False) -> bool:
         if self._options.read_only:
             return False
+        now = policies.to_datetime(policies.now())
         with self._lock:
-            latest = max([*self._records, *([self._pending_step] if self._pending_step is not None else [])],
-                         default=None)
-            has_steps = bool(self._records) or self._pending_step is not None
-        if latest is not None and latest >= step:
+            previous = [policy_info(self._records[s]) for s in sorted(self._records)]
+            pending = self._pending_step
+        if pending is not None and pending not in self._records:  # a step still being saved counts as saved now
+            previous = sorted([*previous, policies.PolicyCheckpointInfo(pending, now)], key=lambda i: i.step)
+        if previous and max(i.step for i in previous) >= step:
             return False
-        if self._options.should_save_fn is not None:
-            return bool(self._options.should_save_fn(step, latest))
-        interval = self._options.save_interval_steps
-        if interval and step % interval == 0:
-            return True
-        return not has_steps
+        context = policies.DecisionContext(is_saving_in_progress=self.is_saving_in_progress(), reached_preemption=preempted)
+        return bool(self._save_policy.should_save(policies.PolicyCheckpointInfo(step, now), previous, context=context))
 
     def is_saving_in_progress(self) -> bool:
         return self._engine.in_progress() or self._deleter.in_progress()
@@ -464,7 +494,7 @@ class CheckpointManager:
         stored_metrics = check_metrics(metrics, f"metrics of step {step}") if metrics is not None else None
         decoded = decode_metrics(stored_metrics)
         score = self._score(step, decoded, strict=True)
-        if self._options.best_fn is not None and metrics is None:
+        if self._ranking is not None and metrics is None:
             log.warning("step %d saved without metrics while best_fn is set: it is ranked as a step without metrics",
                         step)
         operation = self._coordinator.operation("save", "a collective save")  # every process in the same order
@@ -543,7 +573,7 @@ class CheckpointManager:
                         "kind": "pytree", "array_formats": sorted(doc["array_formats"]),
                         "total_bytes": doc["total_bytes"],
                     }
-            commit_time = time.time()
+            commit_time = policies.now()
             step_doc = encode_step_doc(
                 step=step, commit_time=commit_time, composite=composite, items=described, metrics=stored_metrics
             )
@@ -571,7 +601,7 @@ class CheckpointManager:
     def _apply_retention_here(self, just_saved: int) -> list[int]:
         with self._lock:
             records = [self._records[s] for s in sorted(self._records)]
-        doomed = steps_to_delete(records, self._options)
+        doomed = steps_to_delete(records, self._preservation_policy)
         if not doomed:
             return []
         # Never the step this run restored from (until a newer one is committed), never a
