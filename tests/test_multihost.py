@@ -170,6 +170,33 @@ def test_single_replica_restore_reads_less(tmp_path: Path) -> None:
     assert plain_total - single_total == replicated
 
 
+def test_replica_parallel_save_spreads_replicated_bytes(tmp_path: Path) -> None:
+    """Replicated arrays and NumPy leaves are written once, in row blocks spread over their holders."""
+    import numpy as np
+
+    import ckptcore
+
+    results = ok(run_job(tmp_path, "replica_parallel", 4, 2, mesh=[4, 2], formats=["ocdbt", "zarr3"]))
+    for fmt in ("ocdbt", "zarr3"):
+        doc = index_doc(tmp_path / fmt)
+        writers = assert_each_element_written_once(doc)
+        assert writers["rep"] == writers["host"] == writers["odd"] == [0, 1, 2, 3]
+        assert writers["half"] == [0, 1, 2, 3]  # each "model" half: 2 blocks of 1 MiB, by 2 of its 4 holders
+        assert writers["small"] == [0]  # too small to split: one writer, as before
+        rep = leaves(doc)["rep"]
+        assert sorted(w["shards"] for w in rep["format_info"]["writers"]) == [
+            [[[k * 256, (k + 1) * 256], [0, 1024]]] for k in range(4)
+        ]
+        assert len(rep["shard_checksums"]) == 4
+        per_process = [r["bytes"][fmt] for r in results]
+        assert max(per_process) <= 1.1 * min(per_process), per_process
+    # One process reads the blocks back from every writer's directory.
+    restored = ckptcore.restore(tmp_path / "ocdbt")
+    np.testing.assert_array_equal(np.asarray(restored["rep"]), np.arange(1024 * 1024, dtype=np.float32).reshape(1024, 1024) / 3)
+    np.testing.assert_array_equal(np.asarray(restored["odd"]), np.arange(1001 * 1100, dtype=np.float32).reshape(1001, 1100))
+    np.testing.assert_array_equal(restored["host"], np.arange(1024 * 1024, dtype=np.int32).reshape(1024, 1024))
+
+
 def test_manager_on_two_processes(tmp_path: Path) -> None:
     results = ok(run_job(tmp_path, "manager", 2, 4, mesh=[2, 4], **{"async": True}))
     for r in results:

@@ -1,10 +1,12 @@
 """``jax.Array`` leaves: sharded save and resharding restore. Imported only when JAX is met.
 
 Save
-    Only the shards with ``replica_id == 0`` among this process's *addressable* shards are
-    written, each distinct region once: replicas are never written twice, and in a
-    multi-process run every process hands the format only its own shards, which the
-    format writes at their index into the global-shape array. Small arrays (at most
+    Each distinct region (shard index) is written once across processes and replicas: by
+    the process holding its replica 0 (``replica_id == 0``), or, for a large region that
+    several processes hold (replicated across hosts), split into row blocks written by
+    each holder (replica-parallel save, see :func:`_own_shards`). In a multi-process run
+    every process hands the format only its own shards, which the format writes at their
+    index into the global-shape array. Small arrays (at most
     :data:`SMALL_GATHER_BYTES`) that this process holds entirely are gathered on the host
     and written whole, so that the format can pack them. The index records the *logical*
     sharding, never device ids: for a ``NamedSharding`` the mesh axis names, sizes and
@@ -96,9 +98,7 @@ def plan_write(path: KeyPath, value: Any, *, copy: bool) -> arrays.PlannedWrite:
         shards: tuple[Shard, ...] = (Shard(arrays.full_index(shape), np.asarray(value)),)
         hint = None
     else:
-        shards = tuple(Shard(index, np.asarray(data)) for index, data in _distinct_shards(value, shape))
-        whole = len(shards) == 1 and _key(shards[0].index) == _key(arrays.full_index(shape))
-        hint = None if whole else tuple(int(n) for n in value.sharding.shard_shape(shape))
+        shards, hint = _own_shards(value, shape, dtype.itemsize, storage_key(path))
     request = WriteRequest(key=storage_key(path), shape=shape, dtype=dtype, shards=shards, chunk_hint=hint)
     return arrays.PlannedWrite(path, record, request)
 
@@ -118,16 +118,88 @@ def _concrete(path: KeyPath, value: Any) -> Any:
     return value
 
 
-def _distinct_shards(value: Any, shape: tuple[int, ...]) -> Iterator[tuple[Index, Any]]:
-    """This process's replica-0 shards, each region once, with the device array holding it."""
-    seen: set[RegionKey] = set()
+def _own_shards(
+    value: Any, shape: tuple[int, ...], itemsize: int, key: str
+) -> tuple[tuple[Shard, ...], tuple[int, ...] | None]:
+    """The shards this process writes, and the chunk hint: each element once across processes and replicas.
+
+    A region (a distinct shard index) that one process holds is written by the process
+    holding its replica 0, as a whole. A region that several active processes hold
+    (replicated across hosts, e.g. ``P()`` or an unused mesh axis spanning processes) is
+    split along its first axis into one row block per holder (:func:`multiwriter.split_rows`;
+    which holder writes which block: :func:`multiwriter.block_writers`) and each holder
+    writes its block from its own replica: the bytes of replicated arrays
+    are spread over the hosts instead of all falling on one (replica-parallel save). Regions
+    too small to be worth splitting keep one writer. The split is computed from the sharding
+    alone, so every process agrees on it without a message.
+    """
+    from ckptcore.io import multiwriter
+
+    me = _process_index()
+    holders = _region_holders(value.sharding, shape, multiwriter.active_processes())
+    local: dict[RegionKey, tuple[Index, Any, bool]] = {}
     for shard in value.addressable_shards:
-        if shard.replica_id != 0:
-            continue
         index = _normalize(shard.index, shape)
-        if _key(index) not in seen:
-            seen.add(_key(index))
-            yield index, shard.data
+        region = _key(index)
+        seen = local.get(region)
+        if seen is None or (shard.replica_id == 0 and not seen[2]):
+            local[region] = (index, shard.data, shard.replica_id == 0 or (seen is not None and seen[2]))
+    shards: list[Shard] = []
+    block_shape: tuple[int, ...] | None = None
+    for region, (index, data, has_replica_0) in local.items():
+        holding, ordinal = holders.get(region, ((), 0))
+        blocks = multiwriter.split_rows(index, len(holding), itemsize) if me in holding else [index]
+        if len(blocks) == 1:
+            if has_replica_0:
+                shards.append(Shard(index, np.asarray(data)))
+            continue
+        position = multiwriter.block_writers(holding, key, ordinal, len(blocks)).index(me)
+        if position >= len(blocks):
+            continue  # fewer rows than holders: the first holders write them
+        block = blocks[position]
+        block_shape = tuple(s.stop - s.start for s in blocks[0])
+        rows = slice(block[0].start - index[0].start, block[0].stop - index[0].start)
+        # On CPU the host view is free; elsewhere copy only this block off the device.
+        host = np.asarray(data)[rows] if _on_cpu_device(data) else np.asarray(data[rows])
+        shards.append(Shard(block, host))
+    whole = len(shards) == 1 and _key(shards[0].index) == _key(arrays.full_index(shape))
+    if whole:
+        return tuple(shards), None
+    return tuple(shards), block_shape or tuple(int(n) for n in value.sharding.shard_shape(shape))
+
+
+def _process_index() -> int:
+    import jax
+
+    return int(jax.process_index())
+
+
+def _on_cpu_device(data: Any) -> bool:
+    return all(d.platform == "cpu" for d in data.devices())
+
+
+Holders = dict[RegionKey, tuple[tuple[int, ...], int]]
+
+
+def _region_holders(sharding: Any, shape: tuple[int, ...], active: tuple[int, ...] | None) -> Holders:
+    """Region -> (the active processes holding a replica of it, ascending; its position among the regions)."""
+    try:
+        return _region_holders_cached(sharding, shape, active)
+    except TypeError:  # an unhashable sharding
+        return _region_holders_uncached(sharding, shape, active)
+
+
+def _region_holders_uncached(sharding: Any, shape: tuple[int, ...], active: tuple[int, ...] | None) -> Holders:
+    found: dict[RegionKey, set[int]] = {}
+    for device, index in sharding.devices_indices_map(shape).items():
+        found.setdefault(_key(_normalize(index, shape)), set()).add(int(device.process_index))
+    return {
+        k: (tuple(sorted(p for p in found[k] if active is None or p in active)), ordinal)
+        for ordinal, k in enumerate(sorted(found))
+    }
+
+
+_region_holders_cached = functools.lru_cache(maxsize=256)(_region_holders_uncached)
 
 
 def start_host_copies(state: Any) -> None:

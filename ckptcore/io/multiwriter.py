@@ -6,6 +6,12 @@ the writers and the regions each holds (``format_info["writers"]``). A single pr
 writes everything into the format's directory itself, and its records carry the format's
 info directly: the layout of ckptcore 0.1.0, unchanged.
 
+Replica-parallel saves: a large region several processes hold (a replicated ``jax.Array``
+across hosts, a NumPy leaf every process holds) is split into row blocks, one per holder
+(:func:`split_rows`); each holder writes its block into its own directory and the index
+lists the blocks as that writer's shards. Readers need nothing new: a record is still a
+list of writers with their regions.
+
 Reading needs no coordination: :func:`read_arrays` assembles every requested region from
 the writers that hold it, in whatever process (or job size) restores.
 """
@@ -17,6 +23,7 @@ import hashlib
 import json
 import math
 import threading
+import zlib
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -26,30 +33,99 @@ import numpy as np
 from ckptcore.errors import CheckpointError, CorruptCheckpointError
 from ckptcore.io.plans import PreparedSave
 from ckptcore.parallel.coordinator import Coordinator, Operation
+from ckptcore.parallel.options import current_options
 
 if TYPE_CHECKING:
-    from ckptcore.plugins.registrations import ArrayFormat, Location, ReadRequest
+    from ckptcore.plugins.registrations import ArrayFormat, Index, Location, ReadRequest
 
 
 # -- writing ---------------------------------------------------------------------------
 
 
+SPLIT_MIN_BLOCK_BYTES = 1 << 20
+"""Replica-parallel saves split a region only into row blocks of at least this many bytes."""
+
+
+def active_processes() -> tuple[int, ...] | None:
+    """The processes taking part in collective calls (``None``: every process of the job)."""
+    return current_options().processes
+
+
+def split_rows(index: Index, count: int, itemsize: int) -> list[Index]:
+    """``index`` cut along its first axis into at most ``count`` row blocks (of equal rows, the last shorter).
+
+    The blocks of a region several processes hold: holder ``k`` (in ascending process
+    order) writes block ``k``. A region whose blocks would be smaller than
+    :data:`SPLIT_MIN_BLOCK_BYTES`, or a scalar, stays one block.
+    """
+    if count <= 1 or not index:
+        return [index]
+    start, stop = int(index[0].start), int(index[0].stop)
+    rows = stop - start
+    row_bytes = itemsize * math.prod(int(s.stop - s.start) for s in index[1:])
+    count = min(count, rows, (rows * row_bytes) // SPLIT_MIN_BLOCK_BYTES)
+    if count <= 1:
+        return [index]
+    step = -(-rows // count)
+    return [(slice(a, min(a + step, stop)), *index[1:]) for a in range(start, stop, step)]
+
+
+def block_writers(holders: Sequence[int], key: str, ordinal: int = 0, blocks: int = 1) -> list[int]:
+    """The holders in the order they write the blocks of region ``ordinal`` of leaf ``key``.
+
+    Rotated by a digest of the storage key and by the region's position, so that leaves
+    and regions with fewer blocks than holders do not all fall on the lowest processes.
+    Every process computes the same order.
+    """
+    ordered = sorted(holders)
+    if not ordered:
+        return []
+    offset = (zlib.crc32(key.encode()) + ordinal * blocks) % len(ordered)
+    return ordered[offset:] + ordered[:offset]
+
+
 def assign_whole_leaves(
     prepared: PreparedSave, operation: Operation, coordinator: Coordinator, url: str, prefix: str
 ) -> dict[int, int]:
-    """The one writer of every leaf that several processes hold whole (write index -> process).
+    """Who writes the leaves that several processes hold whole (write index -> process).
 
-    NumPy leaves and process-local arrays are held whole by every process: the primary
-    writes them if it holds them, else the lowest holder. The primary also checks that
-    every process saves the same tree. A single process holds and writes everything.
+    NumPy leaves and process-local arrays are held whole by every process. A small one is
+    written by the primary if it holds it, else by the lowest holder. A large one is split
+    into row blocks among its holders (:func:`split_rows`), like a replicated ``jax.Array``:
+    this process's request is narrowed to its block here, and the leaf is assigned to it.
+    The primary also checks that every process saves the same tree. A single process
+    holds and writes everything (nothing is split).
     """
     if coordinator.size == 1:
         return {}
     whole = [i for i, w in enumerate(prepared.writes) if _holds_whole(w)]
     plan = {"process": coordinator.process, "tree": _tree_digest(prepared), "whole": whole}
     plans = operation.gather(f"{prefix}plan", plan)
-    assignment = operation.broadcast(f"{prefix}assign", lambda: _assign(plans or [], coordinator, url))
-    return {int(k): int(v) for k, v in assignment.items()}
+    assignment = operation.broadcast(f"{prefix}assign", lambda: _assign(plans or [], prepared, coordinator, url))
+    writers: dict[int, int] = {}
+    for key, value in assignment.items():
+        i = int(key)
+        if isinstance(value, list):  # split among these holders: block k is written by value[k]
+            writers[i] = coordinator.process if _narrow_to_block(prepared.writes[i], value, coordinator.process) else -1
+        else:
+            writers[i] = int(value)
+    return writers
+
+
+def _narrow_to_block(write: Any, holders: list[int], process: int) -> bool:
+    """Narrow ``write`` to this process's row block of a leaf split among ``holders``; False if it has none."""
+    request = write.request
+    full = tuple(slice(0, n) for n in request.shape)
+    blocks = split_rows(full, len(holders), request.dtype.itemsize)
+    position = holders.index(process) if process in holders else len(blocks)
+    if position >= len(blocks):
+        return False
+    block = blocks[position]
+    data = request.shards[0].data[block[0]]
+    shard = dataclasses.replace(request.shards[0], index=block, data=data)
+    chunk = tuple(s.stop - s.start for s in blocks[0])
+    write.request = dataclasses.replace(request, shards=(shard,), chunk_hint=chunk)
+    return True
 
 
 def _holds_whole(write: Any) -> bool:
@@ -59,7 +135,9 @@ def _holds_whole(write: Any) -> bool:
     return bool(write.request.shards) and held == total
 
 
-def _assign(plans: list[dict[str, Any]], coordinator: Coordinator, url: str) -> dict[str, int]:
+def _assign(
+    plans: list[dict[str, Any]], prepared: PreparedSave, coordinator: Coordinator, url: str
+) -> dict[str, int | list[int]]:
     """Run on the primary, with every process's plan."""
     mine = next(p["tree"] for p in plans if p["process"] == coordinator.process)
     for plan in plans:
@@ -73,7 +151,15 @@ def _assign(plans: list[dict[str, Any]], coordinator: Coordinator, url: str) -> 
         for i in plan["whole"]:
             holders.setdefault(int(i), []).append(plan["process"])
     primary = coordinator.process
-    return {str(i): (primary if primary in ps else min(ps)) for i, ps in holders.items()}
+    assignment: dict[str, int | list[int]] = {}
+    for i, ps in holders.items():
+        request = prepared.writes[i].request
+        full = tuple(slice(0, n) for n in request.shape)
+        if len(ps) > 1 and len(split_rows(full, len(ps), request.dtype.itemsize)) > 1:
+            assignment[str(i)] = block_writers(ps, request.key)
+        else:
+            assignment[str(i)] = primary if primary in ps else min(ps)
+    return assignment
 
 
 def _tree_digest(prepared: PreparedSave) -> str:
