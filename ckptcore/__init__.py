@@ -17,6 +17,15 @@ from ckptcore.version import __version__
 _LAZY = {
     "save": "ckptcore.api",
     "abstract": "ckptcore.api",
+    "Transforms": "ckptcore.api",
+    "RestoreReport": "ckptcore.api",
+    "last_restore_report": "ckptcore.api",
+    "verify": "ckptcore.manager.inspection",
+    "diff": "ckptcore.manager.inspection",
+    "list_run": "ckptcore.manager.inspection",
+    "VerifyReport": "ckptcore.manager.inspection",
+    "DiffReport": "ckptcore.manager.inspection",
+    "RunListing": "ckptcore.manager.inspection",
     "SaveOptions": "ckptcore.api",
     "restore": "ckptcore.api",
     "metadata": "ckptcore.api",
@@ -57,10 +66,23 @@ _SUBMODULES = ("progress", "policies")
 __all__ = ["CheckpointError", "errors", "__version__", *_LAZY, *_SUBMODULES]
 
 if TYPE_CHECKING:
-    from ckptcore.api import ArrayMetadata, CheckpointInfo, SaveOptions, abstract, info, metadata, restore, save
+    from ckptcore.api import (
+        ArrayMetadata,
+        CheckpointInfo,
+        RestoreReport,
+        SaveOptions,
+        Transforms,
+        abstract,
+        info,
+        last_restore_report,
+        metadata,
+        restore,
+        save,
+    )
     from ckptcore.checkpointers.checkpointer import AsyncCheckpointer, Checkpointer
     from ckptcore.manager.composite import Composite, Json
     from ckptcore.manager.evaluation import checkpoints_iterator, wait_for_new_checkpoint
+    from ckptcore.manager.inspection import DiffReport, RunListing, VerifyReport, diff, list_run, verify
     from ckptcore.manager.manager import CheckpointManager
     from ckptcore.manager.options import CheckpointManagerOptions
     from ckptcore.parallel.options import MultiprocessOptions, multiprocess_options, set_multiprocess_options

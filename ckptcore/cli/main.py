@@ -1,4 +1,4 @@
-"""The ``ckptcore`` command: ``plugins``, ``inspect``, ``clean`` and ``demo``."""
+"""The ``ckptcore`` command: ``plugins``, ``inspect``, ``clean``, ``ls``, ``verify``, ``diff`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ckptcore.cli import checks
 from ckptcore.errors import CheckpointError, CheckpointNotFoundError
 
 
@@ -25,6 +26,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = sub.add_parser("clean", help="remove leftovers of interrupted saves in a directory")
     p.add_argument("directory")
+
+    checks.register(sub)  # ls, verify, diff
 
     p = sub.add_parser("demo", help="train a small model with a CheckpointManager, interrupt, resume, verify")
     p.add_argument("--directory", default=None, help="where to write (default: a temporary directory)")
@@ -51,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for url in clean(args.directory):
                 print(f"removed {url}")
             return 0
+        if args.command in checks.COMMANDS:
+            return checks.run(args)
         if args.command == "demo":
             from ckptcore.cli.demo import run_demo
 
