@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ckptcore.errors import StorageError
+from ckptcore.manager.foreign import is_committed_foreign_step
 from ckptcore.plugins.manager import registry
 from ckptcore.plugins.registrations import AtomicCommit, Location
 
@@ -37,7 +38,10 @@ def committed_steps(
         step = _parse(name, prefixes, layouts)
         if step is None or (step in found and len(found[step]) <= len(name)):
             continue
-        if strategy.is_committed(root.child(name)):
+        location = root.child(name)
+        # Another system's step (e.g. orbax's, on object stores without ckptcore's commit marker)
+        # counts when its own layout says it was committed.
+        if strategy.is_committed(location) or is_committed_foreign_step(location):
             found[step] = name
     return dict(sorted(found.items()))
 

@@ -43,6 +43,7 @@ from ckptcore.errors import (
     InvalidMetadataError,
     InvalidOptionError,
     NotACheckpointRootError,
+    NotCommittedError,
     ReadOnlyError,
     StepAlreadyExistsError,
     StepInUseError,
@@ -52,7 +53,7 @@ from ckptcore.errors import (
 from ckptcore.io import index
 from ckptcore.io import save as saving
 from ckptcore.io.metadata import metadata_tree
-from ckptcore.io.restore import restore_location
+from ckptcore.io.restore import open_checkpoint, restore_location
 from ckptcore.io.transforms import Transforms, last_restore_report, merge_reports, set_last_report
 from ckptcore.manager import policies
 from ckptcore.manager.composite import DEFAULT_ITEM, Composite, Json
@@ -65,6 +66,7 @@ from ckptcore.manager.documents import (
     read_step_doc,
     write_root_file,
 )
+from ckptcore.manager.foreign import open_foreign_step
 from ckptcore.manager.listing import committed_steps, list_names
 from ckptcore.manager.options import CheckpointManagerOptions
 from ckptcore.manager.retention import StepRecord, policy_info, steps_to_delete
@@ -88,6 +90,7 @@ class StepMetadata:
     metrics: Any
     items: Mapping[str, Mapping[str, Any]]  # name -> {"kind": "pytree"|"json", "array_formats": [...], ...}
     composite: bool
+    layout: str = "ckptcore"  # or the checkpoint layout of another system's step (e.g. "orbax")
 
 
 # -- metrics ---------------------------------------------------------------------------
@@ -299,12 +302,42 @@ class CheckpointManager:
     # -- reading step metadata ---------------------------------------------------------
 
     def _read_step_doc(self, step: int, location: Location) -> StepMetadata:
-        doc = read_step_doc(step, location)
+        try:
+            doc = read_step_doc(step, location)
+        except CorruptCheckpointError:
+            foreign = self._read_foreign_step(step, location)  # another system's step (e.g. orbax's)
+            if foreign is None:
+                raise
+            return foreign
         return StepMetadata(
             step=step, url=location.url,
             commit_time=None if doc.commit_time is None
             else datetime.datetime.fromtimestamp(doc.commit_time, datetime.UTC),
             metrics=decode_metrics(doc.metrics), items=msgspec.to_builtins(doc.items), composite=doc.composite,
+        )
+
+    def _read_foreign_step(self, step: int, location: Location) -> StepMetadata | None:
+        found = open_foreign_step(location)
+        if found is None:
+            return None
+        layout, foreign = found
+        if not foreign.committed:
+            raise NotCommittedError(
+                f"step {step} at {location.url} ({foreign.description or layout}) was never committed: its save was "
+                "interrupted or is still running. Restore another step (all_steps())."
+            )
+        metrics = None
+        if foreign.metrics is not None:
+            try:
+                metrics = decode_metrics(check_metrics(foreign.metrics, f"metrics of step {step}"))
+            except InvalidMetadataError as exc:
+                log.warning("step %d (%s): %s; ranked as a step without metrics", step, layout, exc)
+        return StepMetadata(
+            step=step, url=location.url,
+            commit_time=None if foreign.commit_time is None
+            else datetime.datetime.fromtimestamp(foreign.commit_time, datetime.UTC),
+            metrics=metrics, items={k: dict(v) for k, v in foreign.items.items()},
+            composite=set(foreign.items) != {DEFAULT_ITEM}, layout=layout,
         )
 
     # -- queries -----------------------------------------------------------------------
@@ -381,9 +414,9 @@ class CheckpointManager:
         out = {}
         for name, item in meta.items.items():
             if item.get("kind") == "json":
-                out[name] = self._read_json_item(step, location, name)
+                out[name] = self._read_json_item(step, location, name, item.get("file"))
             else:
-                out[name] = metadata_tree(self._read_item_index(step, location, name))
+                out[name] = metadata_tree(self._open_item(step, location, name, meta)[0])
         return Composite(out) if meta.composite else out[DEFAULT_ITEM]
 
     def metadata(self) -> dict[str, Any]:
@@ -765,20 +798,29 @@ class CheckpointManager:
             if name not in saved:
                 raise CorruptCheckpointError(f"step {step} at {location.url} lists no item {name!r}")
             if saved[name].get("kind") == "json":
-                out[name] = self._read_json_item(step, location, name)
+                out[name] = self._read_json_item(step, location, name, saved[name].get("file"))
                 continue
             item_location = location.child(name)
-            doc = self._read_item_index(step, location, name)
+            doc, formats = self._open_item(step, location, name, meta)
             item_transforms = transforms.get(name) if isinstance(transforms, Mapping) else transforms
             out[name] = restore_location(
                 item_location, doc, item_target, partial=partial, coordinator=self._coordinator,
-                transforms=item_transforms,
+                transforms=item_transforms, formats=formats,
             )
             reports[name] = last_restore_report()
         composite = meta.composite or isinstance(target, Composite)
         if composite and reports:
             set_last_report(merge_reports(location.url, {k: v for k, v in reports.items() if v is not None}))
         return Composite(out) if meta.composite or isinstance(target, Composite) else out[DEFAULT_ITEM]
+
+    def _open_item(
+        self, step: int, location: Location, name: str, meta: StepMetadata
+    ) -> tuple[dict[str, Any], Mapping[str, Any]]:
+        """The index of a pytree item, and (for another system's step) the readers of its arrays."""
+        if meta.layout == "ckptcore":
+            return self._read_item_index(step, location, name), {}
+        opened = open_checkpoint(location.child(name).url, self._root.options)
+        return opened.doc, opened.formats
 
     def _read_item_index(self, step: int, location: Location, name: str) -> dict[str, Any]:
         try:
@@ -789,8 +831,8 @@ class CheckpointManager:
                 f"Restore another step (all_steps()) or delete it (delete({step}))."
             ) from exc
 
-    def _read_json_item(self, step: int, location: Location, name: str) -> Any:
-        path = f"{location.child(name).path}/{JSON_ITEM_FILE}"
+    def _read_json_item(self, step: int, location: Location, name: str, file: str | None = None) -> Any:
+        path = f"{location.child(name).path}/{file or JSON_ITEM_FILE}"
         try:
             return json.loads(location.fs.cat_file(path))
         except FileNotFoundError as exc:

@@ -174,6 +174,14 @@ def ckptcore_checkpoint_layouts() -> Sequence[CheckpointLayoutRegistration]:
     partial restores, casts, resharding, ``max_bytes_in_flight`` and progress work exactly
     as for ckptcore's own checkpoints. Never execute or unpickle anything read.
 
+    A layout may also read the step directories of the other system's manager roots: its
+    optional ``open_step(location)`` (see :class:`~ckptcore.plugins.registrations.StepReader`)
+    is called by :class:`~ckptcore.CheckpointManager` for a step directory without
+    ``ckptcore_step.json`` (and, on object stores, without ckptcore's commit marker), and
+    returns a :class:`~ckptcore.plugins.registrations.ForeignStep` (items, metrics, commit
+    time, committed) or ``None``. The manager then lists, ranks (``best_fn``), restores and
+    deletes those steps beside its own; new steps are always written in ckptcore's layout.
+
     :return: registrations naming each layout and carrying its recognizer/reader object.
 
     Example::
@@ -181,6 +189,11 @@ def ckptcore_checkpoint_layouts() -> Sequence[CheckpointLayoutRegistration]:
         @hookimpl
         def ckptcore_checkpoint_layouts():
             return [CheckpointLayoutRegistration(name="npz", layout=NpzLayout())]
+
+    where ``NpzLayout.recognize(location)`` looks for its marker file, ``open(location)``
+    returns ``ForeignCheckpoint(index={"tree": ...}, formats={"npz": NpzReader()},
+    description="npz")``, and (optionally) ``open_step(location)`` returns
+    ``ForeignStep(items={"default": {"kind": "pytree"}}, metrics={"loss": 0.1})``.
     """
 
 

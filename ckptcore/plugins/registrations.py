@@ -223,6 +223,39 @@ class ForeignCheckpoint:
     description: str
 
 
+@dataclass(frozen=True)
+class ForeignStep:
+    """One step directory of a manager root written by another system (e.g. orbax's ``<root>/1000/``).
+
+    Returned by the optional ``open_step(location)`` of a :class:`CheckpointLayout` (see
+    :class:`StepReader`). ``items`` maps each item name (a subdirectory of the step) to
+    ``{"kind": "pytree"}`` (a checkpoint this layout's ``open`` reads) or ``{"kind": "json",
+    "file": <file name inside the item>}`` (a JSON document). ``metrics`` (numbers, or
+    ``None``) and ``commit_time`` (seconds since the epoch, or ``None``) come from the step's
+    own metadata. ``committed`` is false for a step whose save never finished (no commit
+    marker): the manager never lists it, and restoring it raises ``NotCommittedError``.
+    """
+
+    items: Mapping[str, Mapping[str, Any]]
+    metrics: Mapping[str, Any] | None = None
+    commit_time: float | None = None
+    committed: bool = True
+    description: str = ""
+
+
+@runtime_checkable
+class StepReader(Protocol):
+    """A checkpoint layout that also reads the step directories of another system's manager roots.
+
+    Optional: a :class:`CheckpointLayout` offering this method lets ``CheckpointManager``
+    list, rank, restore and delete those steps beside its own.
+    """
+
+    def open_step(self, location: Location) -> ForeignStep | None:
+        """The step at ``location`` (cheap: small files only), or ``None`` if it is not a step of this layout."""
+        ...
+
+
 @dataclass(frozen=True, kw_only=True)
 class _Provided:
     """Who provided a registration: filled in by the core from the plugin's distribution."""
