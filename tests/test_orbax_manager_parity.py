@@ -102,6 +102,10 @@ CASES = {
     "save_interval_with_force": (
         {"save_interval_steps": 4, "max_to_keep": 3}, [(s, None, s == 6) for s in range(1, 11)]
     ),
+    "save_on_steps": (
+        {"save_interval_steps": 4, "save_on_steps": [1, 6, 7, 13], "max_to_keep": 3}, [(s, None, False) for s in range(1, 15)]
+    ),
+    "save_on_steps_off_interval": ({"save_interval_steps": 100, "save_on_steps": {3, 5}}, [(s, None, False) for s in range(2, 9)]),
     "should_save_fn": (
         {"should_save_fn": lambda step, last: step % 3 == 1, "max_to_keep": 2}, [(s, None, False) for s in range(10)]
     ),
