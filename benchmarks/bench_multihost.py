@@ -66,9 +66,10 @@ def worker(args: argparse.Namespace) -> None:
 
     import ckptcore
     from ckptcore.parallel import jax_coordinator as distributed
+    from ckptcore.parallel.jax_state import distributed_state
 
     me = jax.process_index()
-    client = distributed._jax_distributed().client if args.n > 1 else None
+    client = distributed_state().client if args.n > 1 else None
     counter = [0]
 
     def barrier() -> None:

@@ -3,7 +3,9 @@
 ``checkpoints_iterator`` yields every committed step once, in ascending order, and holds a
 reader lease on the step while the caller's loop body runs, so the training run's
 retention leaves it alone until the next step is asked for (or the loop ends). A step
-retention deleted before the evaluator got to it is skipped.
+retention deleted before the evaluator got to it is skipped; a step is never handed out
+that retention then deletes while the loop body runs (the lease and retention's deletion
+marks are a handshake: :mod:`ckptcore.storage.locks`).
 """
 
 from __future__ import annotations
@@ -112,13 +114,17 @@ def checkpoints_iterator(
             continue
         last = step
         try:
-            lease: locks.Lease | None = locks.acquire_reader_lease(root, step, lease_ttl_secs)
+            lease: locks.Lease | None = locks.acquire_reader_lease(root, step, lease_ttl_secs, check_deleting=True)
+        except locks.StepDeletingError:
+            continue  # retention is deleting it: skip it, as a step deleted before the listing
         except Exception as exc:  # e.g. read-only credentials: evaluate unprotected rather than not at all
             log.warning("could not take a reader lease on step %d of %s (%s); retention may delete it while "
                         "it is read", step, root.url, exc)
             lease = None
         try:
-            # Deleted between the listing and the lease? Then it is gone for good: skip it.
+            # Deleted between the listing and the lease (the lease waited for retention to
+            # decide, see storage.locks)? Then it is gone for good: skip it. Otherwise the
+            # lease keeps it until the caller asks for the next step.
             if step in committed_steps(root, strategy, _prefixes(root, step_prefix)):
                 yield step
         finally:

@@ -638,9 +638,14 @@ class CheckpointManager:
         if not doomed:
             return []
         # Never the step this run restored from (until a newer one is committed), never a
-        # step a reader holds: both are deleted by a later retention pass instead. (The
-        # lease listing is storage I/O: done outside the lock so all_steps() never waits on it.)
-        protected = locks.leased_steps(self._root, clean_expired=True)
+        # step a reader holds: both are deleted by a later retention pass instead. The steps
+        # are marked for deletion before the leases are listed: a reader leasing one meanwhile
+        # is either seen here or sees the mark and skips it (see storage.locks). (Storage I/O:
+        # done outside the lock so all_steps() never waits on it.)
+        with self._lock:
+            restored = self._restored_step
+        marks = locks.mark_for_deletion(self._root, [s for s in doomed if s != restored], self._options.lease_ttl_secs)
+        protected = set(marks.protected)
         with self._lock:
             if self._restored_step is not None:
                 protected.add(self._restored_step)
@@ -650,11 +655,19 @@ class CheckpointManager:
             doomed = [s for s in doomed if s not in protected and s in self._records]
             removed = {s: (self._records.pop(s), self._names.pop(s)) for s in doomed}
         if not removed:
+            marks.release()
             return []
+
+        def delete() -> None:
+            try:
+                self._delete_removed(removed)
+            finally:
+                marks.release()  # the steps are gone (or stay listed after a failure)
+
         if self._options.enable_background_delete:
-            self._deleter.submit(lambda: self._delete_removed(removed), description=f"delete steps {sorted(removed)}")
+            self._deleter.submit(delete, description=f"delete steps {sorted(removed)}")
         else:
-            self._delete_removed(removed)
+            delete()
         return sorted(removed)
 
     def _delete_removed(self, removed: dict[int, tuple[StepRecord, str]]) -> None:
@@ -712,15 +725,20 @@ class CheckpointManager:
 
     def _delete_here(self, step: int) -> None:
         location = self._step_location(step)
-        if step in locks.leased_steps(self._root):
-            raise StepInUseError(
-                f"step {step} of {self._root.url} is being read (a reader lease in {locks.READERS_DIR}/); "
-                "retry once the reader is done, or let retention delete it later"
-            )
+        # Marked before the leases are listed, as retention does (see storage.locks).
+        marks = locks.mark_for_deletion(self._root, [step], self._options.lease_ttl_secs)
         try:
-            self._delete_location(location)
-        except OSError as exc:
-            raise StorageError(f"could not delete step {step} at {location.url}: {exc}") from exc
+            if step in marks.protected:
+                raise StepInUseError(
+                    f"step {step} of {self._root.url} is being read (a reader lease in {locks.READERS_DIR}/); "
+                    "retry once the reader is done, or let retention delete it later"
+                )
+            try:
+                self._delete_location(location)
+            except OSError as exc:
+                raise StorageError(f"could not delete step {step} at {location.url}: {exc}") from exc
+        finally:
+            marks.release()
         with self._lock:
             self._records.pop(step, None)
             self._names.pop(step, None)
@@ -844,7 +862,8 @@ class CheckpointManager:
 
     def _reader_lease(self, step: int) -> locks.Lease | None:
         try:
-            return locks.acquire_reader_lease(self._root, step, self._options.lease_ttl_secs)
+            # check_deleting: a step retention is deleting right now is not read half-deleted
+            return locks.acquire_reader_lease(self._root, step, self._options.lease_ttl_secs, check_deleting=True)
         except Exception as exc:  # e.g. read-only credentials: read unprotected rather than not at all
             log.warning("could not take a reader lease on step %d of %s (%s); reading without it",
                         step, self._root.url, exc)

@@ -11,6 +11,17 @@ need clocks within a few seconds of each other (NTP does that).
   Created with exclusive-create (``open(mode="xb")``) where the filesystem supports it.
 * Reader leases: ``<root>/.ckptcore-readers/<step>.<uuid>.json``. Retention does not
   delete a step while a live lease on it exists; it deletes it at a later save.
+* Deletion marks: ``<root>/.ckptcore-deleting/<step>.json``, written by retention before
+  it looks for reader leases, and kept (refreshed) until the step is deleted.
+
+Leases and deletion marks are a handshake, so that a reader is never handed a step that
+retention deletes under it: the reader writes its lease, *then* looks for a mark
+(:func:`acquire_reader_lease` with ``check_deleting``); retention writes its mark, *then*
+lists the leases (:func:`mark_for_deletion`). Whichever writes second sees the other's
+file. A reader that sees a mark waits until it goes: retention either saw the lease (and
+keeps the step) or had listed the leases before it was written (and deletes the step);
+then the reader checks that the step still exists. This needs storage where a write is
+visible to the next read or listing (local disks; GCS and S3 are strongly consistent).
 """
 
 from __future__ import annotations
@@ -34,13 +45,17 @@ log = logging.getLogger("ckptcore.storage.locks")
 
 WRITER_FILE = ".ckptcore-writer.json"
 READERS_DIR = ".ckptcore-readers"
+DELETING_DIR = ".ckptcore-deleting"
 
 
 class LeaseFile(msgspec.Struct, kw_only=True):
     """A writer lock or a reader lease. Every field may be missing when read: a lease
     without a valid `expires` is expired."""
 
-    kind: Annotated[Literal["writer", "reader"] | None, msgspec.Meta(description="`writer` or `reader`")] = None
+    kind: Annotated[
+        Literal["writer", "reader", "deleting"] | None,
+        msgspec.Meta(description="`writer`, `reader`, or `deleting` (a deletion mark)"),
+    ] = None
     step: Annotated[
         int | msgspec.UnsetType, msgspec.Meta(description="reader leases: the step they protect from retention")
     ] = msgspec.UNSET
@@ -98,7 +113,12 @@ class Lease:
     """One lease file, refreshed in the background until released."""
 
     def __init__(
-        self, location: Location, path: str, ttl: float, kind: Literal["writer", "reader"], step: int | None = None
+        self,
+        location: Location,
+        path: str,
+        ttl: float,
+        kind: Literal["writer", "reader", "deleting"],
+        step: int | None = None,
     ) -> None:
         self.location = location
         self.path = path
@@ -222,15 +242,83 @@ def readers_dir(root: Location) -> str:
     return f"{root.path.rstrip('/')}/{READERS_DIR}"
 
 
-def acquire_reader_lease(root: Location, step: int, ttl: float) -> Lease:
-    """Protect ``step`` from retention while it is read; release it when done."""
+def acquire_reader_lease(root: Location, step: int, ttl: float, *, check_deleting: bool = False) -> Lease:
+    """Protect ``step`` from retention while it is read; release it when done.
+
+    With ``check_deleting`` (the handshake with retention, see the module): when the step
+    is marked for deletion, wait until the mark goes (retention saw this lease and keeps
+    the step, or deleted it) for at most ``ttl`` seconds, else raise
+    :class:`StepDeletingError` holding nothing. Then the step, *if it still exists*, stays
+    until the lease is released: the caller checks that it exists after this returns.
+    """
     directory = readers_dir(root)
     lease = Lease(root, "", ttl, "reader", step)
     lease.path = f"{directory}/{step}.{lease.owner}.json"
     root.fs.makedirs(directory, exist_ok=True)
     lease.write()
     lease.start_refreshing()
+    if check_deleting:
+        deadline = time.monotonic() + ttl
+        while is_marked_for_deletion(root, step):
+            if time.monotonic() >= deadline:
+                lease.release()
+                raise StepDeletingError(
+                    f"step {step} of {root.url} has been marked for deletion by retention for over {ttl:.0f} s"
+                )
+            time.sleep(0.02)
     return lease
+
+
+class StepDeletingError(StorageError):
+    """The step a reader lease was asked for is being deleted (its deletion mark is live)."""
+
+
+def _mark_path(root: Location, step: int) -> str:
+    return f"{root.path.rstrip('/')}/{DELETING_DIR}/{step}.json"
+
+
+def is_marked_for_deletion(root: Location, step: int) -> bool:
+    """Whether retention marked ``step`` for deletion (a live mark: a crashed writer's expires)."""
+    return _is_live(_read_lease(root, _mark_path(root, step)), time.time())
+
+
+class DeletionMarks:
+    """The deletion marks of one retention pass; ``protected`` are the steps readers hold (not marked)."""
+
+    def __init__(self, marks: dict[int, Lease], protected: set[int]) -> None:
+        self.marks = marks
+        self.protected = protected
+
+    def release(self) -> None:
+        """Remove the marks (once the steps are deleted, or when they are kept after all)."""
+        for lease in self.marks.values():
+            lease.release()
+        self.marks = {}
+
+
+def mark_for_deletion(root: Location, steps: list[int], ttl: float) -> DeletionMarks:
+    """Mark ``steps`` for deletion, *then* list the reader leases; unmark the steps readers hold.
+
+    Delete only the marked steps that are not ``protected``, then :meth:`DeletionMarks.release`.
+    A reader that leases a step after this sees its mark and skips it.
+    """
+    marks: dict[int, Lease] = {}
+    if steps:
+        root.fs.makedirs(f"{root.path.rstrip('/')}/{DELETING_DIR}", exist_ok=True)
+    try:
+        for step in steps:
+            mark = Lease(root, _mark_path(root, step), ttl, "deleting", step)
+            mark.write()
+            marks[step] = mark
+        protected = leased_steps(root, clean_expired=True)
+    except BaseException:
+        DeletionMarks(marks, set()).release()
+        raise
+    for step in sorted(protected & set(marks)):
+        marks.pop(step).release()
+    for mark in marks.values():
+        mark.start_refreshing()  # deleting many steps may take longer than a mark's lifetime
+    return DeletionMarks(marks, protected)
 
 
 def leased_steps(root: Location, *, clean_expired: bool = False) -> set[int]:
