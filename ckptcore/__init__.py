@@ -30,6 +30,8 @@ _LAZY = {
     "restore": "ckptcore.api",
     "metadata": "ckptcore.api",
     "info": "ckptcore.api",
+    "convert": "ckptcore.io.convert",
+    "ConvertReport": "ckptcore.io.convert",
     "ArrayMetadata": "ckptcore.api",
     "CheckpointInfo": "ckptcore.api",
     "hookimpl": "ckptcore.plugins.hookspecs",
@@ -54,6 +56,7 @@ _LAZY = {
     "CheckpointManagerOptions": "ckptcore.manager.options",
     "Composite": "ckptcore.manager.composite",
     "Json": "ckptcore.manager.composite",
+    "Proto": "ckptcore.manager.composite",
     "checkpoints_iterator": "ckptcore.manager.evaluation",
     "wait_for_new_checkpoint": "ckptcore.manager.evaluation",
     "Checkpointer": "ckptcore.checkpointers.checkpointer",
@@ -80,7 +83,8 @@ if TYPE_CHECKING:
         save,
     )
     from ckptcore.checkpointers.checkpointer import AsyncCheckpointer, Checkpointer
-    from ckptcore.manager.composite import Composite, Json
+    from ckptcore.io.convert import ConvertReport, convert
+    from ckptcore.manager.composite import Composite, Json, Proto
     from ckptcore.manager.evaluation import checkpoints_iterator, wait_for_new_checkpoint
     from ckptcore.manager.inspection import DiffReport, RunListing, VerifyReport, diff, list_run, verify
     from ckptcore.manager.manager import CheckpointManager

@@ -205,6 +205,9 @@ def test_documents_written_now_are_exactly_the_declared_ones(tmp_path):
     with ckptcore.CheckpointManager(tmp_path / "run", opts, metadata={"model": "mlp"}) as mgr:
         mgr.save(1, {"w": np.ones(3)}, metrics={"loss": float("nan"), "acc": 0.5})
         mgr.save(2, ckptcore.Composite(state={"w": np.ones(3)}, empty={}, cfg=ckptcore.Json({"a": 1})))
+        from google.protobuf import timestamp_pb2
+
+        mgr.save(3, ckptcore.Composite(state={"w": np.ones(3)}, pos=ckptcore.Proto(timestamp_pb2.Timestamp(seconds=9))))
         lease = locks.acquire_reader_lease(mgr._root, 2, 30)
         try:
             found = _documents_under(tmp_path)
@@ -295,7 +298,7 @@ def test_step_doc_newer_version_is_incompatible(tmp_path):
     run = _run(tmp_path)
     path = run / "1" / manager_docs.STEP_FILE
     doc = json.loads(path.read_text())
-    doc.update(format_version=2, items=["a new layout"])
+    doc.update(format_version=manager_docs.PROTO_STEP_FORMAT_VERSION + 1, items=["a new layout"])
     path.write_text(json.dumps(doc))
     with ckptcore.CheckpointManager(run, ckptcore.CheckpointManagerOptions(read_only=True)) as mgr:
         with pytest.raises(errors.IncompatibleVersionError, match=r"step 1 .*newer ckptcore"):

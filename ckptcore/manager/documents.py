@@ -29,9 +29,14 @@ from ckptcore.version import __version__
 ROOT_FILE = "ckptcore_manager.json"
 STEP_FILE = "ckptcore_step.json"
 JSON_ITEM_FILE = "ckptcore_json.json"
+PROTO_ITEM_FILE = "ckptcore_proto.binpb"  # a Proto item's binary serialization
+PROTO_TEXT_FILE = "ckptcore_proto.txtpb"  # and its text rendering (for item_metadata and people)
 ROOT_FORMAT: Final = "ckptcore-manager"
 STEP_FORMAT: Final = "ckptcore-step"
 FORMAT_VERSION = 1
+# A step holding a Proto item says 2, so that a ckptcore older than Proto items asks to upgrade
+# instead of calling the step damaged; every other step keeps writing 1.
+PROTO_STEP_FORMAT_VERSION = 2
 
 
 def _doc(text: str) -> msgspec.Meta:
@@ -55,18 +60,30 @@ class RootDoc(msgspec.Struct, kw_only=True):
 class StepItem(msgspec.Struct, kw_only=True):
     """One item of a step (the state alone is the item `default`)."""
 
-    kind: Annotated[Literal["pytree", "json"], _doc("`pytree`: a checkpoint index in `<item>/`; `json`: a Json item")] = (
-        "pytree"
-    )
+    kind: Annotated[
+        Literal["pytree", "json", "proto"],
+        _doc("`pytree`: a checkpoint index in `<item>/`; `json`: a Json item; `proto`: a Proto item (protobuf message)"),
+    ] = "pytree"
     array_formats: Annotated[list[str] | msgspec.UnsetType, _doc("pytree items: the array formats used")] = msgspec.UNSET
-    total_bytes: Annotated[int | msgspec.UnsetType, _doc("pytree items: bytes of array data")] = msgspec.UNSET
+    total_bytes: Annotated[
+        int | msgspec.UnsetType, _doc("pytree items: bytes of array data; proto items: bytes of the message")
+    ] = msgspec.UNSET
+    type_name: Annotated[
+        str | msgspec.UnsetType, _doc("proto items: the message's full type name (`google.protobuf.Struct`)")
+    ] = msgspec.UNSET
+    checksum: Annotated[
+        str | msgspec.UnsetType, _doc(f"proto items: `crc32c:<hex>` of `{PROTO_ITEM_FILE}`")
+    ] = msgspec.UNSET
 
 
 class StepDoc(msgspec.Struct, kw_only=True):
     """Written last into a step, just before the step is committed."""
 
     format: Annotated[Literal["ckptcore-step"], _doc("what this file is")]
-    format_version: Annotated[int, _doc(f"the manager layout ({FORMAT_VERSION}); a newer one asks to upgrade")]
+    format_version: Annotated[int, _doc(
+        f"the step layout ({FORMAT_VERSION}; {PROTO_STEP_FORMAT_VERSION} when it holds a proto item); "
+        "a newer one asks to upgrade"
+    )]
     step: Annotated[int | None, _doc("the step number")] = None
     commit_time: Annotated[float | None, _doc("when the step was committed (seconds since the epoch)")] = None
     commit_time_iso: Annotated[str, _doc("the same time in ISO 8601, UTC")] = ""
@@ -196,7 +213,7 @@ def decode_step_doc(raw: bytes, step: int, url: str) -> StepDoc:
 
 
 def _check_step_version(version: Any, step: int, url: str) -> None:
-    if is_newer(version, FORMAT_VERSION):
+    if is_newer(version, PROTO_STEP_FORMAT_VERSION):
         raise IncompatibleVersionError(
             f"step {step} at {url} was written by a newer ckptcore; upgrade: pip install -U ckptcore"
         )
@@ -206,8 +223,9 @@ def encode_step_doc(
     *, step: int, commit_time: float, composite: bool, items: Mapping[str, Mapping[str, Any]], metrics: Any
 ) -> bytes:
     """The step file of a step about to be committed (``items``: name -> ``StepItem`` fields)."""
+    has_proto = any(item.get("kind") == "proto" for item in items.values())
     doc = StepDoc(
-        format=STEP_FORMAT, format_version=FORMAT_VERSION, step=step, commit_time=commit_time,
+        format=STEP_FORMAT, format_version=PROTO_STEP_FORMAT_VERSION if has_proto else FORMAT_VERSION, step=step, commit_time=commit_time,
         commit_time_iso=_now_iso(commit_time), ckptcore_version=__version__, composite=composite,
         items=msgspec.convert(items, dict[str, StepItem]), metrics=metrics,
     )

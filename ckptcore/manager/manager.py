@@ -7,6 +7,7 @@ On storage (``<root>`` is the manager's directory)::
         ckptcore_step.json                commit time, metrics, items and their formats
         <item>/ckptcore_index.json ...    a pytree item (a ckptcore checkpoint without its own commit)
         <item>/ckptcore_json.json         a Json item
+        <item>/ckptcore_proto.binpb       a Proto item (and ckptcore_proto.txtpb, its text rendering)
     <root>/.ckptcore-writer.json          writer lock (lease file)
     <root>/.ckptcore-readers/             reader leases (steps retention must not delete now)
 
@@ -56,9 +57,20 @@ from ckptcore.io.metadata import metadata_tree
 from ckptcore.io.restore import open_checkpoint, restore_location
 from ckptcore.io.transforms import Transforms, last_restore_report, merge_reports, set_last_report
 from ckptcore.manager import policies
-from ckptcore.manager.composite import DEFAULT_ITEM, Composite, Json
+from ckptcore.manager.composite import (
+    DEFAULT_ITEM,
+    Composite,
+    Json,
+    Proto,
+    ProtoMetadata,
+    parse_proto,
+    proto_checksum,
+    serialize_proto,
+)
 from ckptcore.manager.documents import (
     JSON_ITEM_FILE,
+    PROTO_ITEM_FILE,
+    PROTO_TEXT_FILE,
     ROOT_FILE,
     STEP_FILE,
     encode_step_doc,
@@ -88,7 +100,7 @@ class StepMetadata:
     url: str
     commit_time: datetime.datetime | None
     metrics: Any
-    items: Mapping[str, Mapping[str, Any]]  # name -> {"kind": "pytree"|"json", "array_formats": [...], ...}
+    items: Mapping[str, Mapping[str, Any]]  # name -> {"kind": "pytree"|"json"|"proto", "array_formats": [...], ...}
     composite: bool
     layout: str = "ckptcore"  # or the checkpoint layout of another system's step (e.g. "orbax")
 
@@ -406,7 +418,8 @@ class CheckpointManager:
     def item_metadata(self, step: int | None = None) -> Any:
         """The saved tree(s) of ``step`` with arrays as :class:`ckptcore.ArrayMetadata`; no array is read.
 
-        A Composite for composite steps; Json items are returned as their value.
+        A Composite for composite steps; Json items are returned as their value, Proto items
+        as :class:`ckptcore.manager.composite.ProtoMetadata` (type name, text rendering, size).
         """
         step = self._resolve_step(step)
         location = self._step_location(step)
@@ -415,6 +428,9 @@ class CheckpointManager:
         for name, item in meta.items.items():
             if item.get("kind") == "json":
                 out[name] = self._read_json_item(step, location, name, item.get("file"))
+            elif item.get("kind") == "proto":
+                text = self._read_proto_file(step, location, name, PROTO_TEXT_FILE).decode("utf-8", "replace")
+                out[name] = ProtoMetadata(str(item.get("type_name")), text, int(item.get("total_bytes") or 0))
             else:
                 out[name] = metadata_tree(self._open_item(step, location, name, meta)[0])
         return Composite(out) if meta.composite else out[DEFAULT_ITEM]
@@ -568,6 +584,8 @@ class CheckpointManager:
                 if isinstance(value, Json):
                     data = saving.check_json(value.value, f"Json item {name!r}")
                     items[name] = ("json", json.dumps(data, indent=1, ensure_ascii=False, allow_nan=False).encode())
+                elif isinstance(value, Proto):  # serialized now: later changes to the message are not saved
+                    items[name] = ("proto", (value.type_name, *serialize_proto(value, name)))
                 else:
                     copy = {"copy": True, "copy_array": copy_array} if copy_array is not None else {}
                     items[name] = ("pytree", saving.prepare(value, **copy))
@@ -596,6 +614,14 @@ class CheckpointManager:
                     target.fs.makedirs(target.path, exist_ok=True)
                     target.fs.pipe_file(f"{target.path}/{JSON_ITEM_FILE}", payload)
                     described[name] = {"kind": "json"}
+                elif kind == "proto":
+                    type_name, data, text = payload
+                    if self._primary:
+                        target.fs.makedirs(target.path, exist_ok=True)
+                        target.fs.pipe_file(f"{target.path}/{PROTO_ITEM_FILE}", data)
+                        target.fs.pipe_file(f"{target.path}/{PROTO_TEXT_FILE}", text.encode())
+                    described[name] = {"kind": "proto", "type_name": type_name, "total_bytes": len(data),
+                                       "checksum": proto_checksum(data)}
                 else:
                     doc = saving.write_contents(
                         payload, target, url=final.child(name).url, operation=operation,
@@ -818,6 +844,14 @@ class CheckpointManager:
             if saved[name].get("kind") == "json":
                 out[name] = self._read_json_item(step, location, name, saved[name].get("file"))
                 continue
+            if saved[name].get("kind") == "proto":
+                out[name] = self._read_proto_item(step, location, name, saved[name], item_target)
+                continue
+            if isinstance(item_target, Proto):
+                raise TargetMismatchError(
+                    f"item {name!r} of step {step} at {location.url} is a {saved[name].get('kind', 'pytree')} item, "
+                    f"not a protobuf message; the target asks for {item_target.type_name}"
+                )
             item_location = location.child(name)
             doc, formats = self._open_item(step, location, name, meta)
             item_transforms = transforms.get(name) if isinstance(transforms, Mapping) else transforms
@@ -848,6 +882,30 @@ class CheckpointManager:
                 f"step {step} at {location.url} is damaged: its item {name!r} has no index. "
                 f"Restore another step (all_steps()) or delete it (delete({step}))."
             ) from exc
+
+    def _read_proto_file(self, step: int, location: Location, name: str, file: str) -> bytes:
+        try:
+            return bytes(location.fs.cat_file(f"{location.child(name).path}/{file}"))
+        except FileNotFoundError as exc:
+            raise CorruptCheckpointError(
+                f"step {step} at {location.url} is damaged: Proto item {name!r} has no {file}. "
+                f"Restore another step (all_steps()) or delete it (delete({step}))."
+            ) from exc
+
+    def _read_proto_item(self, step: int, location: Location, name: str, saved: Mapping[str, Any], target: Any) -> Any:
+        where = f"item {name!r} of step {step} at {location.url}"
+        type_name = str(saved.get("type_name"))
+        if not isinstance(target, Proto):  # before any read: the error is the target's, not the data's
+            return parse_proto(target, type_name, b"", name=name, where=where)
+        data = self._read_proto_file(step, location, name, PROTO_ITEM_FILE)
+        expected = saved.get("checksum")
+        if len(data) != saved.get("total_bytes") or (expected is not None and proto_checksum(data) != expected):
+            raise CorruptCheckpointError(
+                f"{where} is damaged: {PROTO_ITEM_FILE} has {len(data)} bytes, checksum {proto_checksum(data)}; "
+                f"the step recorded {saved.get('total_bytes')} bytes, {expected}. Restore another step "
+                f"(all_steps()) or delete it (delete({step}))."
+            )
+        return parse_proto(target, type_name, data, name=name, where=where)
 
     def _read_json_item(self, step: int, location: Location, name: str, file: str | None = None) -> Any:
         path = f"{location.child(name).path}/{file or JSON_ITEM_FILE}"
