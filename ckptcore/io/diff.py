@@ -198,10 +198,11 @@ def compare(a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> tuple[flo
             d = np.where(np.isnan(d), np.inf, d)
             scale = np.abs(y)
             rel = np.where(d == 0, 0.0, np.where(scale > 0, d / np.where(scale > 0, scale, 1.0), np.inf))
+            close = close and bool(np.all((d == 0) | (d <= atol + rtol * scale)))  # equal infinities: d == 0
         if d.size:
             max_abs = max(max_abs, float(d.max()))
             max_rel = max(max_rel, float(rel.max()))
-            close = close and bool(np.all(d <= atol + rtol * scale))
+
     return max_abs, max_rel, close
 
 
