@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ckptcore.cli import checks
+from ckptcore.cli import checks, convert
 from ckptcore.errors import CheckpointError, CheckpointNotFoundError
 
 
@@ -28,6 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("directory")
 
     checks.register(sub)  # ls, verify, diff
+    convert.register(sub)
 
     p = sub.add_parser("demo", help="train a small model with a CheckpointManager, interrupt, resume, verify")
     p.add_argument("--directory", default=None, help="where to write (default: a temporary directory)")
@@ -56,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command in checks.COMMANDS:
             return checks.run(args)
+        if args.command == convert.COMMAND:
+            return convert.run(args)
         if args.command == "demo":
             from ckptcore.cli.demo import run_demo
 

@@ -150,7 +150,8 @@ class OrbaxLayout:
 
     def _checkpoint(self, location: Location, tree: dict[str, Any], builder: _Builder, custom: dict[str, Any]) -> ForeignCheckpoint:
         index: dict[str, Any] = {"tree": tree, "total_bytes": builder.total_bytes, "metadata": custom,
-                                 "array_formats": {name: {"distribution": "ckptcore-orbax"} for name in builder.formats}}
+                                 "array_formats": {name: {"version": 1, "distribution": "ckptcore-orbax", "plugin_version": _version()}
+                                                  for name in builder.formats}}
         step_meta = _step_metadata(location) or _step_metadata(location.parent())
         when = _commit_time(step_meta)
         if when is not None:
@@ -230,6 +231,15 @@ class OrbaxLayout:
             metrics = meta["metrics"]
         return ForeignStep(items=items, metrics=metrics if isinstance(metrics, dict) else None,
                            commit_time=_commit_time(meta), committed=committed, description=DESCRIPTION)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ckptcore-orbax")
+    except PackageNotFoundError:
+        return ""
 
 
 def _step_metadata(location: Location) -> dict[str, Any] | None:
