@@ -11,6 +11,9 @@ Workloads (the same data for every implementation):
 * ``jax``: the same size as 8 arrays of shape (rows, 4096), sharded over a (4, 2) mesh of
   8 host devices, saved, then restored (warm) onto a (2, 4) mesh: a resharding restore.
 * ``small``: 5,000 float32 arrays of 1,024 elements: save and restore (warm).
+* ``cloud`` (only with ``--only cloud``): the NumPy state saved to and restored from
+  fake-gcs-server (``gs://``) and moto_server (``s3://``) on 127.0.0.1 (needs
+  ckptcore-testing and the gcs/s3 plugins): safetensors vs ocdbt.
 
 Implementations alternate within each repetition (the order rotates), the first
 repetition is a discarded warm-up, and the tables show medians with the range (min-max)
@@ -323,12 +326,52 @@ def table(title: str, nbytes: int, times: dict[str, dict[str, list[float]]], our
             print(f"| {ours} speed / {ref} | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
 
 
+def cloud_workload(size_mb: int, repeats: int, root: str) -> None:
+    """safetensors vs ocdbt on the object-store emulators, alternating, warm-up discarded."""
+    import boto3
+    from ckptcore_testing import servers
+
+    import ckptcore
+
+    gcs, s3 = servers.start_fake_gcs(), servers.start_moto()
+    try:
+        for key, value in {**servers.gcs_env(gcs.endpoint), **servers.s3_env(s3.endpoint)}.items():
+            os.environ[key] = value
+        servers.create_gcs_bucket(gcs.endpoint, "bench")
+        boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
+        state = numpy_state(size_mb)
+        nbytes = sum(a.nbytes for a in state.values())
+        for scheme in ("gs", "s3"):
+            times: dict[str, dict[str, list[float]]] = {f: {"save": [], "restore": []} for f in ("safetensors", "ocdbt")}
+            for rep in range(repeats + 1):
+                for fmt in (("safetensors", "ocdbt") if rep % 2 == 0 else ("ocdbt", "safetensors")):
+                    url = f"{scheme}://bench/{fmt}-{rep}"
+                    t = time.perf_counter()
+                    ckptcore.save(url, state, format=fmt)
+                    saved = time.perf_counter() - t
+                    t = time.perf_counter()
+                    restored = ckptcore.restore(url)
+                    elapsed = time.perf_counter() - t
+                    if rep == 0 and not _same(state, restored):
+                        raise SystemExit(f"{fmt} on {scheme}:// restored different data")
+                    del restored
+                    if rep:
+                        times[fmt]["save"].append(saved)
+                        times[fmt]["restore"].append(elapsed)
+            named = {f"ckptcore {f} ({scheme}://)": t for f, t in times.items()}
+            table(f"NumPy state on the {scheme}:// emulator", nbytes, named, f"ckptcore safetensors ({scheme}://)",
+                  list(named))
+    finally:
+        gcs.stop()
+        s3.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mb", type=int, default=1024, help="size of the big states (MiB)")
     parser.add_argument("--repeats", type=int, default=3, help="measured repetitions (after one warm-up)")
     parser.add_argument("--dir", default=None, help="directory on the disk to measure (default: a temp dir)")
-    parser.add_argument("--only", default="numpy,jax,small", help="comma-separated workloads")
+    parser.add_argument("--only", default="numpy,jax,small", help="comma-separated workloads (numpy, jax, small, cloud)")
     parser.add_argument("--no-orbax", action="store_true")
     parser.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -380,6 +423,8 @@ def main() -> None:
             limit = NumpyOneFile()
             times = run("small", state, state, [*impls.values(), limit], root, args.repeats, {"restore warm": False})
             table("5,000 float32 arrays of 1,024 elements", nbytes, times, ours, [*refs, limit.name])
+        if "cloud" in only:
+            cloud_workload(args.size_mb, args.repeats, root)
         for impl in impls.values():
             impl.close()
     finally:

@@ -35,6 +35,8 @@ from ckptcore_safetensors import fileio, header
 
 OPTIONS = ("max_file_bytes", "threads", "align", "early_writeback")
 DEFAULT_MAX_FILE_BYTES = 4 << 30
+# An object is uploaded as one sequential stream; several smaller objects upload in parallel.
+DEFAULT_REMOTE_MAX_FILE_BYTES = 64 << 20
 # Measured on a 2-core VM with an ext4 disk (benchmarks/bench_safetensors.py): buffered writes
 # to one file serialise on its inode lock, and concurrent reads of one file defeat the kernel's
 # readahead on a cold cache. So few threads on small machines, more where cores can copy in parallel.
@@ -71,6 +73,9 @@ class SafetensorsFormat:
     # -- write -----------------------------------------------------------------------
 
     def write(self, location: Any, requests: Sequence[Any], options: Mapping[str, Any]) -> list[dict[str, Any]]:
+        local = _local_directory(location)
+        if local is None and "max_file_bytes" not in options:
+            options = {**options, "max_file_bytes": DEFAULT_REMOTE_MAX_FILE_BYTES}
         max_file_bytes, threads, align = _write_options(options)
         tensors: list[tuple[str, str, tuple[int, ...], memoryview]] = []  # name, st dtype, st shape, bytes
         infos: list[dict[str, Any]] = []
@@ -131,7 +136,6 @@ class SafetensorsFormat:
                     owner["file"] = name
             size = len(head) + sum(len(tensors[t][3]) for t in members)
             planned.append((name, size, parts))
-        local = _local_directory(location)
         if local is not None:
             fileio.write_local_files(local, planned, threads, bool(options.get("early_writeback", True)))
         else:
