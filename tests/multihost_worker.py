@@ -246,6 +246,26 @@ def scenario_single_replica() -> None:
         restored = ckptcore.restore(path, make_target(mesh))
     RESULT["bytes_read_single"] = COUNTING.bytes_read
     RESULT["checked_single"] = check_state(restored, mesh)
+    # The same with shardings that name no mesh axes (what jit outputs may carry).
+    from jax._src.sharding_impls import GSPMDSharding
+
+    target = make_target(mesh)
+    for name, value in GLOBAL.items():
+        named = NamedSharding(mesh, SPECS[name])
+        sharding = GSPMDSharding(tuple(mesh.devices.flat), named._to_xla_hlo_sharding(value.ndim))
+        target[name] = jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
+    for single in (False, True):
+        COUNTING.bytes_read = 0
+        with ckptcore.multiprocess_options(single_replica_restore=single):
+            restored = ckptcore.restore(path, target)
+        RESULT[f"bytes_read_gspmd_{single}"] = COUNTING.bytes_read
+        checked = 0
+        for name, value in GLOBAL.items():
+            assert restored[name].sharding.is_equivalent_to(target[name].sharding, value.ndim), name
+            for shard in restored[name].addressable_shards:
+                np.testing.assert_array_equal(np.asarray(shard.data), value[shard.index], err_msg=name)
+                checked += 1
+        RESULT[f"checked_gspmd_{single}"] = checked
 
 
 REPLICATED = {  # large enough to be split among the holders (multiwriter.SPLIT_MIN_BLOCK_BYTES)

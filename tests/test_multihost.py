@@ -160,14 +160,18 @@ def test_four_processes_and_other_process_counts(tmp_path: Path) -> None:
 
 
 def test_single_replica_restore_reads_less(tmp_path: Path) -> None:
-    plain_total = single_total = 0
+    plain_total = single_total = gspmd_plain = gspmd_single = 0
     for r in ok(run_job(tmp_path, "single_replica", 2, 4, mesh=[2, 4])):
-        assert r["checked_single"] == 16  # every replica got the right data
+        assert r["checked_single"] == r["checked_gspmd_False"] == r["checked_gspmd_True"] == 16
         plain_total += r["bytes_read_plain"]
         single_total += r["bytes_read_single"]
+        gspmd_plain += r["bytes_read_gspmd_False"]
+        gspmd_single += r["bytes_read_gspmd_True"]
     # b, r and i are replicated along "data": read once instead of once per process.
     replicated = (16 + 16 + 8 * 12) * 4
     assert plain_total - single_total == replicated
+    # The same arrays under GSPMDSharding targets (no mesh axis names): also read once.
+    assert gspmd_plain == plain_total and gspmd_single == single_total
 
 
 def test_replica_parallel_save_spreads_replicated_bytes(tmp_path: Path) -> None:
