@@ -544,7 +544,8 @@ class CheckpointManager:
         decoded = decode_metrics(stored_metrics)
         score = self._score(step, decoded, strict=True)
         if self._ranking is not None and metrics is None:
-            log.warning("step %d saved without metrics while best_fn is set: it is ranked as a step without metrics",
+            log.warning("step %d saved without metrics while steps are ranked by metrics (best_fn or BestN): it is "
+                        "ranked as a step without metrics",
                         step)
         operation = self._coordinator.operation("save", "a collective save")  # every process in the same order
         if not self._options.enable_async_checkpointing:
