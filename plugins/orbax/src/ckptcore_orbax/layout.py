@@ -104,9 +104,9 @@ class OrbaxLayout:
     def open(self, location: Location) -> ForeignCheckpoint:
         names = _names(location) or []
         url = location.url
-        if TMP_MARK in location.name:
+        if TMP_MARK in location.name or TMP_MARK in location.parent().name:
             raise NotCommittedError(
-                f"{url} is an orbax-checkpoint save that never finished (its name has {TMP_MARK}); "
+                f"{url} is an orbax-checkpoint save that never finished (its directory's name has {TMP_MARK}); "
                 "restore a committed checkpoint instead, or remove this directory if no save is running"
             )
         if not _is_item(names):
