@@ -37,9 +37,10 @@ def emit(code: int) -> None:
 
 os.environ.pop("XLA_FLAGS", None)
 os.environ["JAX_PLATFORMS"] = "cpu"
-if CONFIG.get("clock_skew_s"):  # a host whose clock disagrees with the others'
+SKEW = float(CONFIG.get("clock_skew", {}).get(str(CONFIG["process_id"]), 0))
+if SKEW:  # a host whose clock disagrees with the others'
     _real_time = time.time
-    time.time = lambda: _real_time() + float(CONFIG["clock_skew_s"])  # type: ignore[assignment]
+    time.time = lambda: _real_time() + SKEW  # type: ignore[assignment]
 
 import jax  # noqa: E402
 
@@ -122,6 +123,7 @@ def train(mgr: CheckpointManager, state: dict[str, Any], start: int, steps: int,
         if step == hang:
             from ckptcore.io import save as saving
 
+            mgr.wait_until_finished()  # the previous steps are complete; only step `hang` is interrupted
             real = saving._write_own_shards
 
             def blocked(*args: Any, **kwargs: Any) -> Any:
