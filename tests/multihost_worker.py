@@ -379,6 +379,52 @@ def scenario_manager() -> None:
     RESULT["on_disk"] = sorted(n for n in os.listdir(root) if not n.startswith("."))
 
 
+def scenario_manager_listing() -> None:
+    """Count the directory listings (fsspec ``ls``) and stats of every process around a manager's life.
+
+    Only the primary may list: the others get its listing (steps, metrics, root file) through
+    the coordinator.
+    """
+    import fsspec.implementations.local as local
+
+    root = f"{CONFIG['dir']}/run"
+    counts = {"ls": 0, "info": 0}
+    real_ls, real_info = local.LocalFileSystem.ls, local.LocalFileSystem.info
+
+    def counted_ls(self: Any, path: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(path).startswith(root):
+            counts["ls"] += 1
+        return real_ls(self, path, *args, **kwargs)
+
+    def counted_info(self: Any, path: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(path).startswith(root):
+            counts["info"] += 1
+        return real_info(self, path, *args, **kwargs)
+
+    local.LocalFileSystem.ls = counted_ls  # type: ignore[method-assign]
+    local.LocalFileSystem.info = counted_info  # type: ignore[method-assign]
+    mesh = make_mesh(CONFIG["mesh"])
+    options = ckptcore.CheckpointManagerOptions(
+        max_to_keep=2, enable_async_checkpointing=False, best_fn=lambda m: m["loss"], best_mode="min"
+    )
+    with ckptcore.multiprocess_options(timeout_s=30):
+        with ckptcore.CheckpointManager(root, options, metadata={"run": 1}) as mgr:
+            for step in range(4):
+                mgr.save(step, make_state(mesh, step=step), metrics={"loss": 10.0 - step})
+        counts_first = dict(counts)
+        # A second manager on the same directory (a resumed run): steps and metrics come from the primary.
+        with ckptcore.CheckpointManager(root, options) as mgr:
+            RESULT["steps"] = mgr.all_steps()
+            RESULT["metrics"] = [mgr.metrics(s) for s in mgr.all_steps()]
+            RESULT["best"] = mgr.best_step()
+            RESULT["root_metadata"] = mgr.metadata()
+            mgr.reload()
+            RESULT["steps_after_reload"] = mgr.all_steps()
+            RESULT["checked"] = check_state(mgr.restore(mgr.latest_step(), make_target(mesh)), mesh, step=3)
+    RESULT["ls_first"], RESULT["info_first"] = counts_first["ls"], counts_first["info"]
+    RESULT["ls"], RESULT["info"] = counts["ls"], counts["info"]
+
+
 def scenario_preemption() -> None:
     """The last process gets SIGTERM at step 3; every process must stop at the same step."""
     import signal

@@ -211,6 +211,20 @@ def test_manager_on_two_processes(tmp_path: Path) -> None:
     assert "process 1 failed" in results[0]["bad_error"]
 
 
+def test_manager_lists_on_the_primary_alone(tmp_path: Path) -> None:
+    """Steps, metrics and the root file are listed by the primary and broadcast (issue 15, item 4)."""
+    results = ok(run_job(tmp_path, "manager_listing", 4, 2, mesh=[4, 2]))
+    for r in results:
+        assert r["steps"] == r["steps_after_reload"] == [2, 3] and r["best"] == 3, r
+        assert r["metrics"] == [{"loss": 8.0}, {"loss": 7.0}] and r["root_metadata"] == {"run": 1}
+        assert r["checked"] == 8
+    assert results[0]["ls"] > 0
+    for r in results[1:]:
+        assert r["ls"] == 0, f"process {r['process']} listed the manager's directory {r['ls']} times"
+        # Stats: none while opening, listing or saving (reading a step's files is not listing).
+        assert r["info_first"] == 0, r["info_first"]
+
+
 def test_killed_process_fails_every_other_process_and_commits_nothing(tmp_path: Path) -> None:
     path = tmp_path / "killed"
     results = run_job(tmp_path, "kill", 4, 2, mesh=[4, 2], victim=1, timeout_s=5, path=str(path))

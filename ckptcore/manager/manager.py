@@ -191,14 +191,15 @@ class CheckpointManager:
         self._closed = False
         user_metadata = saving.check_json(dict(metadata or {}), "manager metadata")
         # Several jax.distributed processes: the primary sets the directory up (lock, root
-        # file, clean-up) while the others wait, then they all list the same steps.
+        # file, clean-up) and lists the steps while the others wait, then broadcasts its
+        # listing (_share_listing): N hosts do not list the directory N times.
         self._coordinator = current_coordinator()
         self._primary = self._coordinator.is_primary
         setup = not opts.read_only and self._primary
         opening = self._coordinator.primary_first(f"manager-open:{self._root.url}")
 
         try:
-            names = self._open_root()
+            names = self._open_root() if self._primary else []
             if setup and opts.writer_lock:
                 self._writer_lease = locks.acquire_writer_lock(self._root, opts.lease_ttl_secs)
                 # A manager dropped without close() must not keep the directory locked until
@@ -225,6 +226,7 @@ class CheckpointManager:
                 self._writer_lease.release()
             raise
         opening.done()
+        self._share_listing()
 
     # -- set-up ------------------------------------------------------------------------
 
@@ -278,6 +280,30 @@ class CheckpointManager:
             self._records = {}
             for (step, _), doc in zip(steps.items(), docs, strict=True):
                 self._records[step] = self._record(step, doc)
+
+    def _share_listing(self) -> None:
+        """Several processes: the primary's listing (root file, steps, metrics) becomes everyone's.
+
+        Only the primary lists the directory and reads the step files; the others get the
+        result through the coordinator (orbax-checkpoint's ``single_host_load_and_broadcast``).
+        """
+        if self._coordinator.size == 1:
+            return
+        shared = self._coordinator.agree(f"manager-listing:{self._root.url}", self._listing_here)
+        if self._primary:
+            return
+        with self._lock:
+            self._root_doc = dict(shared["root_doc"] or {})
+            self._names = {int(step): name for step, name, _, _ in shared["steps"]}
+            self._records = {
+                int(step): StepRecord(int(step), float(when), metrics, self._score(int(step), metrics, strict=False))
+                for step, _, when, metrics in shared["steps"]
+            }
+
+    def _listing_here(self) -> dict[str, Any]:
+        with self._lock:
+            steps = [[s, self._names[s], r.time, r.metrics] for s, r in sorted(self._records.items()) if s in self._names]
+        return {"root_doc": self._root_doc, "steps": steps}
 
     def _try_step_doc(self, step: int, name: str) -> StepMetadata | None:
         try:
@@ -535,7 +561,9 @@ class CheckpointManager:
         self._engine.make_room(0)  # one step in flight: wait for the previous one (bounded by its deadline)
         self._engine.raise_errors()
         self._check_writer_lease()
-        if not force and self._strategy.is_committed(self._root.child(self._step_name(step))):
+        if not force and self._coordinator.agree(  # several processes: the primary looks
+            f"step-exists:{self._root.url}", lambda: self._strategy.is_committed(self._root.child(self._step_name(step)))
+        ):
             raise StepAlreadyExistsError(
                 f"step {step} already exists in {self._root.url} (saved by another process since this manager "
                 "listed the steps: call reload()); pass force=True to replace it"
@@ -773,14 +801,19 @@ class CheckpointManager:
                 self._restored_step = None
 
     def reload(self) -> None:
-        """Re-read the steps from storage (after another process changed the directory)."""
+        """Re-read the steps from storage (after another process changed the directory).
+
+        In a multi-process job call it on every process: the primary lists, the others get
+        its listing.
+        """
         self._check_open()
-        if not self._root_doc:
+        if not self._root_doc and self._primary:
             try:
                 self._root_doc = read_root_file(self._root) or {}
             except CheckpointError as exc:
                 log.warning("%s", exc)
-        self._load(list_names(self._root))
+        self._load(list_names(self._root) if self._primary else [])
+        self._share_listing()
 
     # -- restore -----------------------------------------------------------------------
 
