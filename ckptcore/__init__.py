@@ -64,7 +64,7 @@ _LAZY = {
 }
 
 # public submodules, also imported on first access (``ckptcore.progress.bar()``)
-_SUBMODULES = ("progress", "policies")
+_SUBMODULES = ("progress", "policies", "emergency")
 
 __all__ = ["CheckpointError", "errors", "__version__", *_LAZY, *_SUBMODULES]
 

@@ -126,7 +126,7 @@ def train(mgr: CheckpointManager, state: dict[str, Any], start: int, steps: int,
             mgr.wait_until_finished()  # the previous steps are complete; only step `hang` is interrupted
             real = saving._write_own_shards
 
-            def blocked(*args: Any, **kwargs: Any) -> Any:
+            def blocked(*args: Any, step: int = step, real: Any = real, **kwargs: Any) -> Any:
                 with open(f"{CONFIG['out']}.saving", "w") as f:
                     f.write(str(step))
                 time.sleep(600)  # killed here, in the middle of the save
@@ -175,7 +175,7 @@ def main() -> None:
 
 try:
     main()
-except BaseException as exc:  # noqa: BLE001
+except BaseException as exc:
     RESULT["error"] = f"{type(exc).__name__}: {exc}"
     RESULT["is_checkpoint_error"] = isinstance(exc, ckptcore.CheckpointError)
     RESULT["traceback"] = traceback.format_exc()

@@ -214,5 +214,5 @@ def test_unreachable_persistent_tier_at_restore(tmp_path: Path) -> None:
     (tmp_path / "bucket").write_text("")  # the persistent tier cannot be reached any more
     with CheckpointManager(tmp_path / "local", tmp_path / "bucket" / "run", opts) as mgr:
         assert mgr.latest_step() == 3 and mgr.restore(None, TARGET)["step"] == 3  # the local tier still works
-        with pytest.raises(EmergencyRestoreError, match="step 2 .*unreachable"):
+        with pytest.raises(EmergencyRestoreError, match=r"step 2 .*unreachable"):
             mgr.restore(2, TARGET)

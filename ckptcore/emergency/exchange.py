@@ -110,7 +110,8 @@ def received_row(result: Any, local_index: int) -> np.ndarray:
 def allgather(operation: Operation, slot: str, value: Any) -> list[Any]:
     """Every process's ``value``, on every process (through the coordinator)."""
     gathered = operation.gather(slot, value)
-    return list(operation.broadcast(f"{slot}/all", lambda: gathered))
+    everyone: list[Any] = operation.broadcast(f"{slot}/all", lambda: list(gathered or []))
+    return everyone
 
 
 def send_bytes(operation: Operation, slot: str, source: int, destination: int, payload: bytes | None) -> bytes | None:
