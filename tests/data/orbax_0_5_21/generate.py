@@ -62,7 +62,8 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt))
         ckptr.save(out, state)
-    # The older aggregate layout: leaves inside the msgpack ``checkpoint`` file.
+    # Plain zarr arrays and scalars (0.5.21 ignores aggregate=True: it no longer writes the msgpack
+    # ``checkpoint`` file); tests/test_orbax_fixtures.py builds the older msgpack layout on top of it.
     out = os.path.join(HERE, "pytree_aggregate")
     shutil.rmtree(out, ignore_errors=True)
     small = {"a": np.arange(4, dtype=np.int32), "s": 3, "f": 0.25, "t": "agg", "n": {"x": np.ones(2, np.float32)}}
