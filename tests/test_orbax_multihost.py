@@ -42,7 +42,7 @@ def test_two_process_orbax_save_restored_by_ckptcore(tmp_path):
     procs = []
     for i in range(2):
         cfg = {"port": port, "process_id": i, "dir": str(tmp_path), "out": str(outs[i]), "other_out": str(outs[1 - i])}
-        log = open(tmp_path / f"log-{i}.txt", "w")  # noqa: SIM115
+        log = open(tmp_path / f"log-{i}.txt", "w")
         procs.append(subprocess.Popen([sys.executable, str(WORKER), json.dumps(cfg)], env=env, stdout=log, stderr=log))
     try:
         codes = [p.wait(timeout=180) for p in procs]
