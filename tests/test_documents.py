@@ -39,8 +39,8 @@ DOCUMENTS: list[tuple[str, type[msgspec.Struct], str]] = [
     (f"<checkpoint>/{index_docs.INDEX_FILE}", index_docs.Index, "ckptcore/io/documents.py"),
     (f"<root>/{manager_docs.ROOT_FILE}", manager_docs.RootDoc, "ckptcore/manager/documents.py"),
     (f"<root>/<step>/{manager_docs.STEP_FILE}", manager_docs.StepDoc, "ckptcore/manager/documents.py"),
-    (f"<root>/{locks.WRITER_FILE}, <root>/{locks.READERS_DIR}/<step>.<owner>.json", locks.LeaseFile,
-     "ckptcore/storage/locks.py"),
+    (f"<root>/{locks.WRITER_FILE}, <root>/{locks.READERS_DIR}/<step>.<owner>.json, "
+     f"<root>/{locks.DELETING_DIR}/<step>.json", locks.LeaseFile, "ckptcore/storage/locks.py"),
 ]
 
 
@@ -188,6 +188,7 @@ def _documents_under(root: Path) -> list[tuple[Path, type[msgspec.Struct]]]:
     found += [(p, manager_docs.StepDoc) for p in root.rglob(manager_docs.STEP_FILE)]
     found += [(p, locks.LeaseFile) for p in root.rglob(locks.WRITER_FILE)]
     found += [(p, locks.LeaseFile) for p in root.rglob(f"{locks.READERS_DIR}/*.json")]
+    found += [(p, locks.LeaseFile) for p in root.rglob(f"{locks.DELETING_DIR}/*.json")]
     return sorted(found)
 
 

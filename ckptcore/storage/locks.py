@@ -49,8 +49,8 @@ DELETING_DIR = ".ckptcore-deleting"
 
 
 class LeaseFile(msgspec.Struct, kw_only=True):
-    """A writer lock or a reader lease. Every field may be missing when read: a lease
-    without a valid `expires` is expired."""
+    """A writer lock, a reader lease or a deletion mark. Every field may be missing when
+    read: a lease without a valid `expires` is expired."""
 
     kind: Annotated[
         Literal["writer", "reader", "deleting"] | None,
