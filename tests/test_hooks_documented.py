@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import shutil
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ from ckptcore.plugins.registrations import (
     AtomicityRegistration,
     CheckpointLayoutRegistration,
     ForeignCheckpoint,
+    ForeignStep,
     Location,
     StepLayoutRegistration,
     StorageRegistration,
@@ -149,6 +151,18 @@ class NpyDirLayout:
             items.append({"key": name, "key_type": "str", "value": record})
         tree = {"type": "dict", "items": items}
         return ForeignCheckpoint(index={"tree": tree}, formats={"npydir": NpyDirReader()}, description="npy directory")
+
+
+    def open_step(self, location):
+        """A step of another system's manager root: ``NPYSTEP`` (JSON: metrics, time, committed) beside its items."""
+        CALLS.append("layout.open_step")
+        marker = f"{location.path}/NPYSTEP"
+        if not os.path.exists(marker):
+            return None
+        with open(marker) as f:
+            meta = json.load(f)
+        return ForeignStep(items={"default": {"kind": "pytree"}}, metrics=meta.get("metrics"),
+                           commit_time=meta.get("time"), committed=meta.get("committed", True), description="npy step")
 
 
 class NpyDirReader:
@@ -288,3 +302,26 @@ def test_a_checkpoint_layout_plugin_reads_another_systems_checkpoint(tmp_path, e
     with pytest.raises(ckptcore.errors.CheckpointNotFoundError, match="not a ckptcore checkpoint"):
         ckptcore.restore(tmp_path / "plain")
 
+
+
+def test_a_checkpoint_layout_reads_another_systems_manager_steps(tmp_path, every_hook):
+    root = tmp_path / "run"
+    for step, loss, committed in ((7, 0.5, True), (8, 0.1, False), (9, 0.9, True)):
+        item = root / str(step) / "default"
+        item.mkdir(parents=True)
+        (item / "NPYDIR").write_text("")
+        np.save(item / "w.npy", np.full(3, step, np.float32))
+        (root / str(step) / "NPYSTEP").write_text(json.dumps({"metrics": {"loss": loss}, "time": 1e9 + step,
+                                                              "committed": committed}))
+    opts = ckptcore.CheckpointManagerOptions(max_to_keep=2, best_fn=lambda m: m["loss"], best_mode="min",
+                                             enable_async_checkpointing=False)
+    with ckptcore.CheckpointManager(root, opts) as mgr:
+        assert mgr.all_steps() == [7, 9]  # 8 was never committed
+        assert mgr.metrics(7) == {"loss": 0.5} and mgr.best_step() == 7
+        assert mgr.step_metadata(9).layout == "npydir" and mgr.step_metadata(9).commit_time.timestamp() == 1e9 + 9
+        np.testing.assert_array_equal(mgr.restore(9)["w"], np.full(3, 9, np.float32))
+        with pytest.raises(ckptcore.errors.NotCommittedError, match="never committed"):
+            mgr.restore(8)
+        mgr.save(10, {"w": np.zeros(3, np.float32)}, metrics={"loss": 0.3})  # ckptcore's layout, beside them
+        assert mgr.all_steps() == [7, 10]  # retention ranked both layouts: 9 (0.9) went
+    assert "layout.open_step" in CALLS and not (root / "9").exists() and (root / "10" / "ckptcore_step.json").exists()

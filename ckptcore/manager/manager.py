@@ -90,6 +90,7 @@ from ckptcore.storage import locks
 log = logging.getLogger("ckptcore.manager.manager")
 
 STEP_LAYOUT = "prefixed"
+_UNCOMMITTED = object()  # a listed directory that is another system's step whose save never finished
 
 
 @dataclass(frozen=True)
@@ -279,6 +280,9 @@ class CheckpointManager:
             self._names = dict(steps)
             self._records = {}
             for (step, _), doc in zip(steps.items(), docs, strict=True):
+                if not isinstance(doc, StepMetadata) and doc is not None:  # _UNCOMMITTED: another system's
+                    del self._names[step]  # unfinished step (e.g. orbax's) is never listed
+                    continue
                 self._records[step] = self._record(step, doc)
 
     def _share_listing(self) -> None:
@@ -305,9 +309,11 @@ class CheckpointManager:
             steps = [[s, self._names[s], r.time, r.metrics] for s, r in sorted(self._records.items()) if s in self._names]
         return {"root_doc": self._root_doc, "steps": steps}
 
-    def _try_step_doc(self, step: int, name: str) -> StepMetadata | None:
+    def _try_step_doc(self, step: int, name: str) -> StepMetadata | object | None:
         try:
             return self._read_step_doc(step, self._root.child(name))
+        except NotCommittedError:
+            return _UNCOMMITTED
         except CheckpointError as exc:
             log.warning("step %d: %s", step, exc)
             return None
