@@ -41,7 +41,7 @@ def tests_core(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
-@nox.parametrize("name", ["posix", "zarr3", "gcs", "s3", "safetensors"])
+@nox.parametrize("name", ["posix", "zarr3", "gcs", "s3", "safetensors", "orbax"])
 def plugin(session: nox.Session, name: str) -> None:
     """One plugin's own tests, with the core and no other optional plugin."""
     extra = [] if name in ("posix", "zarr3") else [f"./plugins/{name}"]
