@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import test_emergency as t  # noqa: E402
+import test_emergency as t
 
 
 def main() -> None:
@@ -66,7 +66,7 @@ def main() -> None:
                "resume_lost_one_local_s": replica, "resume_persistent_only_s": persistent_s}
         print(json.dumps({"run": run, **row}), flush=True)
         rows_out.append(row)
-    print(f"\n4 processes x 2 CPU devices, {4 * rows * cols * 4 / 2**20:.0f} MiB in all, medians of {args.runs} runs")
+    print(f"\n4 processes x 2 CPU devices, {rows * cols * 4 / 2**20:.0f} MiB in all, medians of {args.runs} runs")
     print("| figure | seconds |\n|---|---|")
     for key in rows_out[0]:
         print(f"| {key} | {statistics.median(r[key] for r in rows_out):.3f} |")
