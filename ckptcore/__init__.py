@@ -46,6 +46,8 @@ _LAZY = {
     "StorageRegistration": "ckptcore.plugins.registrations",
     "AtomicityRegistration": "ckptcore.plugins.registrations",
     "StepLayoutRegistration": "ckptcore.plugins.registrations",
+    "CheckpointLayoutRegistration": "ckptcore.plugins.registrations",
+    "ForeignCheckpoint": "ckptcore.plugins.registrations",
     "ArrayFormatRegistration": "ckptcore.plugins.registrations",
     "SaveContext": "ckptcore.plugins.registrations",
     "clean": "ckptcore.storage.cleanup",
@@ -95,6 +97,8 @@ if TYPE_CHECKING:
     from ckptcore.plugins.registrations import (
         ArrayFormatRegistration,
         AtomicityRegistration,
+        CheckpointLayoutRegistration,
+        ForeignCheckpoint,
         Location,
         ReadRequest,
         SaveContext,
