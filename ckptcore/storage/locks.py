@@ -258,14 +258,15 @@ def acquire_reader_lease(root: Location, step: int, ttl: float, *, check_deletin
     lease.write()
     lease.start_refreshing()
     if check_deleting:
-        deadline = time.monotonic() + ttl
+        deadline, pause = time.monotonic() + ttl, 0.01
         while is_marked_for_deletion(root, step):
             if time.monotonic() >= deadline:
                 lease.release()
                 raise StepDeletingError(
                     f"step {step} of {root.url} has been marked for deletion by retention for over {ttl:.0f} s"
                 )
-            time.sleep(0.02)
+            time.sleep(pause)
+            pause = min(2 * pause, 0.5)  # retention decides in milliseconds; a deletion may take longer
     return lease
 
 
