@@ -156,9 +156,9 @@ class Planner:
         if isinstance(target, (list, tuple)):
             if kind == "node":  # a pytree node saved index-keyed, restored onto a list or tuple
                 return self._sequence_from_node(saved, target, path)
-            if kind == "dict" and is_namedtuple(target) and set(saved) == set(type(target)._fields):
+            fields: tuple[str, ...] = getattr(type(target), "_fields", ()) if is_namedtuple(target) else ()
+            if kind == "dict" and fields and set(saved) == set(fields):
                 # A namedtuple saved by field name (orbax-checkpoint stores fields as dict keys).
-                fields = type(target)._fields
                 return type(target)(*(self.plan(saved[f], t, (*path, f), True) for f, t in zip(fields, target, strict=True)))
             if kind not in ("list", "tuple", "namedtuple") or len(target) != len(saved):
                 self.mismatched.append(
