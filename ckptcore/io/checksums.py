@@ -45,7 +45,8 @@ def batches(requests: Sequence[WriteRequest]) -> list[list[WriteRequest]]:
             out.append([])
             size = 0
         out[-1].append(request)
-        size += sum(shard.data.nbytes for shard in request.shards)
+        shards = request.shards
+        size += shards[0].data.nbytes if len(shards) == 1 else sum(shard.data.nbytes for shard in shards)
     return out
 
 

@@ -179,11 +179,22 @@ def merge_reports(
     prepared: PreparedSave, reports: list[list[dict[str, Any]]], coordinator: Coordinator, format_name: str, url: str
 ) -> None:
     """Complete the index records from every writer's report; check each leaf is covered exactly once."""
-    found: list[list[dict[str, Any]]] = [[] for _ in prepared.writes]
+    single = coordinator.size == 1
+    writes = prepared.writes
+    found: list[list[dict[str, Any]]] = [[] for _ in writes]
     for report in reports:
         for leaf in report:
+            if leaf["whole"] and not found[leaf["w"]]:
+                # The common case (thousands of leaves): one writer holding the whole leaf.
+                w = writes[leaf["w"]]
+                record = w.record
+                record["format"], record["key"] = format_name, w.request.key
+                record["format_info"] = leaf["info"] if single else {"writers": [_writer_entry(leaf)]}
+                record["checksum"] = leaf["checksums"][0]
             found[leaf["w"]].append(leaf)
-    for w, writers in zip(prepared.writes, found, strict=True):
+    for w, writers in zip(writes, found, strict=True):
+        if len(writers) == 1 and writers[0]["whole"]:
+            continue  # completed above
         shape = tuple(w.request.shape)
         size = math.prod(shape)
         covered = sum(math.prod(b - a for a, b in index) for f in writers for index in f["shards"])
@@ -197,16 +208,18 @@ def merge_reports(
             ({"index": index, "checksum": checksum} for f in writers for index, checksum in zip(f["shards"], f["checksums"], strict=True)),
             key=lambda e: e["index"],
         )
-        if coordinator.size == 1:
-            info: Any = writers[0]["info"]
-        else:
-            info = {"writers": [{"process": f["process"], "info": f["info"], "shards": f["shards"]} for f in writers]}
+        info = writers[0]["info"] if single else {"writers": [_writer_entry(f) for f in writers]}
         record: dict[str, Any] = {"format": format_name, "key": w.request.key, "format_info": info}
         if len(entries) == 1 and entries[0]["index"] == [[0, n] for n in shape]:
             record["checksum"] = entries[0]["checksum"]
         else:
             record["shard_checksums"] = entries
         w.record.update(record)
+
+
+
+def _writer_entry(report: dict[str, Any]) -> dict[str, Any]:
+    return {"process": report["process"], "info": report["info"], "shards": report["shards"]}
 
 
 # -- reading ---------------------------------------------------------------------------

@@ -355,6 +355,8 @@ def _write_own_shards(
             "info": info,
             "shards": [[[s.start, s.stop] for s in shard.index] for shard in request.shards],
             "checksums": leaf_sums,
+            # one shard as large as the array: the whole leaf (lets the merge skip the coverage sums)
+            "whole": len(request.shards) == 1 and request.shards[0].data.shape == request.shape,
         }
         for (i, _), request, info, leaf_sums in zip(mine, requests, infos, sums, strict=True)
     ]
