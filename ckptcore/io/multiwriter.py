@@ -187,10 +187,10 @@ def merge_reports(
             if leaf["whole"] and not found[leaf["w"]]:
                 # The common case (thousands of leaves): one writer holding the whole leaf.
                 w = writes[leaf["w"]]
-                record = w.record
-                record["format"], record["key"] = format_name, w.request.key
-                record["format_info"] = leaf["info"] if single else {"writers": [_writer_entry(leaf)]}
-                record["checksum"] = leaf["checksums"][0]
+                done = w.record
+                done["format"], done["key"] = format_name, w.request.key
+                done["format_info"] = leaf["info"] if single else {"writers": [_writer_entry(leaf)]}
+                done["checksum"] = leaf["checksums"][0]
             found[leaf["w"]].append(leaf)
     for w, writers in zip(writes, found, strict=True):
         if len(writers) == 1 and writers[0]["whole"]:
