@@ -184,7 +184,7 @@ def merge_reports(
     found: list[list[dict[str, Any]]] = [[] for _ in writes]
     for report in reports:
         for leaf in report:
-            if leaf["whole"] and not found[leaf["w"]]:
+            if leaf.get("whole") and not found[leaf["w"]]:
                 # The common case (thousands of leaves): one writer holding the whole leaf.
                 w = writes[leaf["w"]]
                 done = w.record
@@ -193,7 +193,7 @@ def merge_reports(
                 done["checksum"] = leaf["checksums"][0]
             found[leaf["w"]].append(leaf)
     for w, writers in zip(writes, found, strict=True):
-        if len(writers) == 1 and writers[0]["whole"]:
+        if len(writers) == 1 and writers[0].get("whole"):
             continue  # completed above
         shape = tuple(w.request.shape)
         size = math.prod(shape)
