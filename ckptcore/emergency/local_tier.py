@@ -221,7 +221,7 @@ def write_view(
     fmt = registry().array_format(format_name) if prepared.writes else None
     mine = [(i, w) for i, w in enumerate(prepared.writes) if w.request.shards]
     reports = (
-        saving._write_own_shards(mine, fmt, staging.child(format_name), process, dict(format_options or {}))
+        saving.write_own_shards(mine, fmt, staging.child(format_name), process, dict(format_options or {}))
         if mine and fmt is not None else []
     )
     for report in reports:

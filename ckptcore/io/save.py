@@ -325,7 +325,7 @@ def write_contents(
             directory = staging.child(format_name)
             if coordinator.writer_directory:
                 directory = directory.child(coordinator.writer_directory)
-            report = _write_own_shards(mine, fmt, directory, coordinator.process, dict(format_options or {}))
+            report = write_own_shards(mine, fmt, directory, coordinator.process, dict(format_options or {}))
             if progress:
                 progress(prepared.nbytes, prepared.nbytes)
         reports = operation.gather(f"{prefix}written", report)
@@ -339,7 +339,7 @@ def write_contents(
         raise
 
 
-def _write_own_shards(
+def write_own_shards(
     mine: list[tuple[int, arrays.PlannedWrite]], fmt: Any, location: Location, process: int, options: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """Write this process's shards with the array format; checksum them meanwhile (CRC-32C releases the GIL)."""
