@@ -17,8 +17,10 @@ since the multi-writer layout reads the result (resharding, partial restores inc
 array formats: a damaged ``_METADATA`` or a missing ``manifest.ocdbt`` fails before
 anything is written). The data is then written into the destination's uncommitted staging
 directory (a temporary sibling on disk, an uncommitted prefix on object stores), every
-batch checksummed as it is read; before the commit everything written is read back and
-compared with those checksums (and with the source's own checksums where it has them). A
+batch checksummed as it is read (and checked against the source's own checksums where it
+has them); each batch is read back through the format right after it is written, while the
+next one is being read, and compared with those checksums; then the index is written and
+read back, and only then is ``dst`` committed. A
 source that turns out damaged while streaming (a truncated data file) aborts the staging
 directory: ``dst`` never appears.
 """
@@ -148,8 +150,7 @@ def convert(
             doc = _index(opened, tree, format_name, fmt, final.url, total)
             staging.fs.makedirs(staging.path, exist_ok=True)
             staging.fs.pipe_file(f"{staging.path.rstrip('/')}/{index.INDEX_FILE}", index.encode_index(doc))
-            if fmt is not None:
-                _verify(staging.child(format_name), fmt, leaves, limit, callback, total)
+            index.read_index(staging)  # the index written reads back (typed, validated)
             transaction.commit(staging, final, replace=force)
     return ConvertReport(opened.location.url, final.url, opened.layout, format_name, total, len(batches), len(leaves))
 
@@ -276,7 +277,7 @@ def _read_batch(opened: OpenedCheckpoint, readers: Mapping[str, tuple[ArrayForma
 def _stream(opened: OpenedCheckpoint, readers: Mapping[str, tuple[ArrayFormatRegistration, Any]],
             fmt: ArrayFormatRegistration, directory: Any, batches: list[list[_Piece]],
             progress: ProgressCallback | None, total: int) -> None:
-    """Read batch k+1 while batch k is checksummed and written into ``<format>/process_<k>/``."""
+    """Read batch k+1 while batch k is checksummed, written into ``<format>/process_<k>/`` and read back."""
     done = 0
     if progress:
         progress(0, 2 * total)
@@ -286,14 +287,23 @@ def _stream(opened: OpenedCheckpoint, readers: Mapping[str, tuple[ArrayFormatReg
             assert pending is not None
             data = pending.result()
             pending = pool.submit(_read_batch, opened, readers, batches[k + 1]) if k + 1 < len(batches) else None
-            _write_batch(fmt, directory.child(f"process_{k}"), k, batch, data)
-            done += sum(p.nbytes for p in batch)
+            nbytes = sum(p.nbytes for p in batch)
+            written = _write_batch(fmt, directory.child(f"process_{k}"), k, batch, data)
             del data
+            done += nbytes
+            if progress:
+                progress(done, 2 * total)
+            _verify_written(directory, fmt, written)  # while the next batch is being read
+            done += nbytes
             if progress:
                 progress(done, 2 * total)
 
 
-def _write_batch(fmt: ArrayFormatRegistration, location: Any, k: int, batch: list[_Piece], data: list[np.ndarray]) -> None:
+_Written = list[tuple[_Leaf, dict[str, Any], list[dict[str, Any]]]]
+
+
+def _write_batch(fmt: ArrayFormatRegistration, location: Any, k: int, batch: list[_Piece], data: list[np.ndarray]) -> _Written:
+    """Write one batch as writer ``k``; the CRC-32C of each piece is computed meanwhile (it releases the GIL)."""
     by_leaf: dict[int, list[int]] = {}
     for i, piece in enumerate(batch):
         by_leaf.setdefault(id(piece.leaf), []).append(i)
@@ -307,13 +317,47 @@ def _write_batch(fmt: ArrayFormatRegistration, location: Any, k: int, batch: lis
             s.stop - s.start for s in shards[0].index)
         requests.append(WriteRequest(key=leaf.key, shape=shape, dtype=dtype, shards=shards, chunk_hint=hint))
         owners.append(leaf)
-    infos = fmt.format.write(location, requests, {})
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptcore-convert-checksum") as pool:
+        sums_job = pool.submit(lambda: [[checksums.checksum(shard.data) for shard in r.shards] for r in requests])
+        infos = fmt.format.write(location, requests, {})
+        sums = sums_job.result()
     if len(infos) != len(requests):
         raise PluginError(f"array format {fmt.name!r} ({fmt.distribution}) returned {len(infos)} infos for {len(requests)} writes")
-    for leaf, request, info in zip(owners, requests, infos, strict=True):
+    written: _Written = []
+    for leaf, request, info, leaf_sums in zip(owners, requests, infos, sums, strict=True):
         regions = [[[s.start, s.stop] for s in shard.index] for shard in request.shards]
-        leaf.writers.append({"process": k, "info": info, "shards": regions})
-        leaf.sums += [{"index": r, "checksum": checksums.checksum(shard.data)} for r, shard in zip(regions, request.shards, strict=True)]
+        writer = {"process": k, "info": info, "shards": regions}
+        entries = [{"index": r, "checksum": c} for r, c in zip(regions, leaf_sums, strict=True)]
+        leaf.writers.append(writer)
+        leaf.sums += entries
+        written.append((leaf, writer, entries))
+    return written
+
+
+def _verify_written(directory: Any, fmt: ArrayFormatRegistration, written: _Written) -> None:
+    """Read back what one batch wrote, through the format, and compare it with the checksums of the source data."""
+    requests = []
+    for leaf, writer, entries in written:
+        dtype = dtype_from_name(leaf.record["dtype"])
+        requests.append(ReadRequest(key=leaf.key, shape=tuple(int(x) for x in leaf.record["shape"]), saved_dtype=dtype,
+                                    dtype=dtype, info={"writers": [writer]},
+                                    regions=tuple(tuple(slice(a, b) for a, b in e["index"]) for e in entries)))
+    try:
+        results = multiwriter.read_arrays(fmt.format, directory, requests, {})
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CorruptCheckpointError(
+            f"converting: reading back what was written to {directory.url} failed ({type(exc).__name__}: {exc}); "
+            "nothing was committed"
+        ) from exc
+    for (leaf, _, entries), arrays in zip(written, results, strict=True):
+        for entry, array in zip(entries, arrays, strict=True):
+            if not checksums.matches(array, entry["checksum"]):
+                raise ChecksumMismatchError(
+                    f"converting: {format_key_path(leaf.path)} read back from {directory.url} differs from the source; "
+                    "the destination storage corrupted it. Nothing was committed"
+                )
 
 
 def _index(opened: OpenedCheckpoint, tree: Node, format_name: str, fmt: ArrayFormatRegistration | None,
@@ -343,40 +387,6 @@ def _finish_records(leaves: list[_Leaf], format_name: str) -> None:
             leaf.new["checksum"] = sums[0]["checksum"]
         else:
             leaf.new["shard_checksums"] = sums
-
-
-def _verify(directory: Any, fmt: ArrayFormatRegistration, leaves: list[_Leaf], limit: int,
-            progress: ProgressCallback | None, total: int) -> None:
-    """Read back everything written (each writer's shards) and compare it with the checksums of the source data."""
-    pieces = [(leaf, entry) for leaf in leaves for entry in leaf.sums]
-    batches: list[list[tuple[_Leaf, dict[str, Any]]]] = [[]]
-    size = 0
-    for leaf, entry in pieces:
-        n = math.prod(b - a for a, b in entry["index"]) * dtype_from_name(leaf.record["dtype"]).itemsize
-        if batches[-1] and size + n > limit:
-            batches.append([])
-            size = 0
-        batches[-1].append((leaf, entry))
-        size += n
-    done = 0
-    for batch in (b for b in batches if b):
-        requests = []
-        for lf, e in batch:
-            dtype = dtype_from_name(lf.record["dtype"])
-            requests.append(ReadRequest(key=lf.key, shape=tuple(int(x) for x in lf.record["shape"]), saved_dtype=dtype,
-                                        dtype=dtype, info={"writers": lf.writers},
-                                        regions=(tuple(slice(a, b) for a, b in e["index"]),)))
-        results = multiwriter.read_arrays(fmt.format, directory, requests, {})
-        for (lf, e), arrays in zip(batch, results, strict=True):
-            if not checksums.matches(arrays[0], e["checksum"]):
-                raise ChecksumMismatchError(
-                    f"converting: {format_key_path(lf.path)} read back from {directory.url} differs from the source; "
-                    "the destination storage corrupted it. Nothing was committed"
-                )
-            done += int(arrays[0].nbytes)
-        del results
-        if progress:
-            progress(total + done, 2 * total)
 
 
 __all__ = ["ConvertReport", "convert"]
