@@ -20,6 +20,7 @@ from ckptcore.plugins.manager import registry, reset_registry
 from ckptcore.plugins.registrations import (
     ArrayFormatRegistration,
     AtomicityRegistration,
+    CheckpointExporterRegistration,
     CheckpointLayoutRegistration,
     ForeignCheckpoint,
     ForeignStep,
@@ -175,6 +176,24 @@ class NpyDirReader:
         return out
 
 
+class NpyDirExporter:
+    """Writes a checkpoint as the ``NpyDirLayout`` above: one ``.npy`` per array, named by its key path."""
+
+    def export(self, location, leaves, pieces, options):
+        CALLS.append("exporter.export")
+        assert options == {"mmap": False}
+        os.makedirs(location.path, exist_ok=True)
+        names = {i: "__".join(str(k) for k in leaf.path) for i, leaf in enumerate(leaves) if leaf.shape is not None}
+        arrays = {i: np.lib.format.open_memmap(f"{location.path}/{names[i]}.npy", "w+", leaves[i].dtype, leaves[i].shape)
+                  for i in names}
+        for piece in pieces:  # whole arrays or row blocks, in leaf order
+            arrays[piece.leaf][piece.region] = piece.data
+        for array in arrays.values():
+            array.flush()
+        (open(f"{location.path}/NPYDIR", "w")).close()
+        return {"files": len(arrays)}
+
+
 class EveryHook:
     @hookimpl
     def ckptcore_storage_backends(self):
@@ -200,6 +219,11 @@ class EveryHook:
     def ckptcore_checkpoint_layouts(self):
         CALLS.append("ckptcore_checkpoint_layouts")
         return [CheckpointLayoutRegistration(name="npydir", layout=NpyDirLayout())]
+
+    @hookimpl
+    def ckptcore_checkpoint_exporters(self):
+        CALLS.append("ckptcore_checkpoint_exporters")
+        return [CheckpointExporterRegistration(name="npydir", exporter=NpyDirExporter())]
 
     @hookimpl
     def ckptcore_default_array_format(self):
@@ -251,6 +275,12 @@ def test_every_hook_is_exercised(tmp_path, every_hook):
     np.save(tmp_path / "exported" / "w.npy", state["w"])
     np.testing.assert_array_equal(ckptcore.restore(tmp_path / "exported")["w"], state["w"])  # the layout hook
 
+    report = ckptcore.convert(url, tmp_path / "npyout", to="npydir", export_options={"mmap": False})  # the exporter hook
+    assert (report.format, report.leaves) == ("npydir", 2) and sorted(os.listdir(tmp_path / "npyout")) == [
+        "NPYDIR", "nested__b.npy", "w.npy"]
+    np.testing.assert_array_equal(np.load(tmp_path / "npyout" / "w.npy"), state["w"])
+    np.testing.assert_array_equal(ckptcore.restore(tmp_path / "npyout")["nested__b"], state["nested"]["b"])
+
     layouts = {r.name: r for r in registry().step_layouts()}
     assert layouts["dated"].layout.parse_step("day-7", None) == 7 and "prefixed" in layouts
     assert layouts["prefixed"].layout.step_name(7, "step", 4) == "step_0007"
@@ -258,7 +288,7 @@ def test_every_hook_is_exercised(tmp_path, every_hook):
     for hook in HOOKS:
         assert hook in CALLS, f"{hook} was never called"
     for method in ("storage.resolve", "atomicity.begin", "atomicity.commit", "atomicity.is_staging",
-                   "format.write", "format.read", "atomicity.abort"):
+                   "format.write", "format.read", "atomicity.abort", "exporter.export"):
         assert method in CALLS, method
 
 

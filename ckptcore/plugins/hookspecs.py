@@ -26,6 +26,7 @@ import pluggy
 from ckptcore.plugins.registrations import (
     ArrayFormatRegistration,
     AtomicityRegistration,
+    CheckpointExporterRegistration,
     CheckpointLayoutRegistration,
     SaveContext,
     StepLayoutRegistration,
@@ -194,6 +195,36 @@ def ckptcore_checkpoint_layouts() -> Sequence[CheckpointLayoutRegistration]:
     returns ``ForeignCheckpoint(index={"tree": ...}, formats={"npz": NpzReader()},
     description="npz")``, and (optionally) ``open_step(location)`` returns
     ``ForeignStep(items={"default": {"kind": "pytree"}}, metrics={"loss": 0.1})``.
+    """
+
+
+@hookspec
+def ckptcore_checkpoint_exporters() -> Sequence[CheckpointExporterRegistration]:
+    """Checkpoint layouts: write a checkpoint in another system's layout (``convert --to NAME``).
+
+    Called once per process, the first time ``ckptcore.convert(src, dst, to=NAME)`` (or
+    ``ckptcore convert SRC DST --to NAME``) names a layout other than ckptcore's own. The
+    core opens the source (any layout it reads), checks it, and hands the exporter's
+    ``export(location, leaves, pieces, options)`` the uncommitted staging directory of
+    ``dst``, every leaf (:class:`~ckptcore.plugins.registrations.ExportLeaf`: key path,
+    kind, shape and dtype, or the value of a non-array leaf), and an iterator of the array
+    data (:class:`~ckptcore.plugins.registrations.ExportPiece`, whole arrays or row blocks,
+    in leaf order, read in bounded batches, the source's checksums verified). ``options``
+    are the caller's ``export_options``; reject the ones you do not know. Refuse what the
+    layout cannot hold (a dtype, a non-array leaf) with an error naming the leaf, before
+    writing. When ``export`` returns, the core commits ``dst`` (a rename on disk, a commit
+    marker on object stores); when it raises, ``dst`` never appears.
+
+    :return: registrations with a unique ``name`` (what ``to=`` names) and the exporter object.
+
+    Example::
+
+        @hookimpl
+        def ckptcore_checkpoint_exporters():
+            return [CheckpointExporterRegistration(name="npz", exporter=NpzExporter())]
+
+    where ``NpzExporter.export`` writes one ``.npy`` per ``ExportPiece`` and returns
+    ``{"files": n}``.
     """
 
 

@@ -52,10 +52,11 @@ import pluggy
 from ckptcore.errors import MissingPluginError, PluginConflictError, PluginError
 from ckptcore.plugins import hookspecs
 from ckptcore.plugins.compat import core_range_excludes
-from ckptcore.plugins.hints import format_hint, scheme_hint
+from ckptcore.plugins.hints import KNOWN_FORMATS, format_hint, scheme_hint
 from ckptcore.plugins.registrations import (
     ArrayFormatRegistration,
     AtomicityRegistration,
+    CheckpointExporterRegistration,
     CheckpointLayoutRegistration,
     StepLayoutRegistration,
     StorageRegistration,
@@ -75,10 +76,12 @@ REGISTRATION_HOOKS: dict[str, type] = {
     "ckptcore_step_layouts": StepLayoutRegistration,
     "ckptcore_array_formats": ArrayFormatRegistration,
     "ckptcore_checkpoint_layouts": CheckpointLayoutRegistration,
+    "ckptcore_checkpoint_exporters": CheckpointExporterRegistration,
 }
 """Each registration hook and the type of what it returns."""
 
-_WORKER_NOUNS = {"backend": "storage backend", "strategy": "atomicity strategy", "layout": "layout", "format": "format"}
+_WORKER_NOUNS = {"backend": "storage backend", "strategy": "atomicity strategy", "layout": "layout", "format": "format",
+                 "exporter": "exporter"}
 
 
 @dataclass(frozen=True)
@@ -373,6 +376,19 @@ class PluginRegistry:
     def checkpoint_layouts(self) -> list[CheckpointLayoutRegistration]:
         """The layouts of other systems' checkpoints, in registration order."""
         return self._collect("ckptcore_checkpoint_layouts")
+
+    def checkpoint_exporter(self, name: str) -> CheckpointExporterRegistration:
+        """The exporter ``convert(..., to=name)`` writes with."""
+        installed = ", ".join(["ckptcore", *sorted({r.name for r in self.checkpoint_exporters()})])
+        known = KNOWN_FORMATS.get(name)
+        how = known.install if known is not None else "install the plugin that provides it"
+        return self._select(  # type: ignore[no-any-return]
+            "ckptcore_checkpoint_exporters", name, lambda r: (r.name,), "checkpoint exporter",
+            f"{how} (installed: {installed})",
+        )
+
+    def checkpoint_exporters(self) -> list[CheckpointExporterRegistration]:
+        return self._collect("ckptcore_checkpoint_exporters")
 
     def default_array_format(self) -> str:
         name = self.hook.ckptcore_default_array_format()

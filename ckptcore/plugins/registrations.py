@@ -11,7 +11,7 @@ and fsspec types so that a plugin needs nothing else from the core.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
@@ -256,6 +256,54 @@ class StepReader(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class ExportLeaf:
+    """One leaf of the checkpoint being exported (see :class:`CheckpointExporter`), in tree order.
+
+    ``path`` is the leaf's key path (dict keys and field names as strings, list and tuple
+    positions as integers). Array leaves (``kind`` ``"ndarray"``, ``"jax_array"`` or
+    ``"jax_prng_key"``) have ``shape`` and ``dtype``; any other leaf (``"int"``, ``"float"``,
+    ``"str"``, ``"numpy_scalar"``...) has its decoded ``value``.
+    """
+
+    path: tuple[str | int, ...]
+    kind: str
+    shape: tuple[int, ...] | None = None
+    dtype: np.dtype | None = None
+    value: Any = None
+
+
+@dataclass(frozen=True)
+class ExportPiece:
+    """Data of one array leaf: ``leaf`` is its position in the exporter's ``leaves``.
+
+    ``region`` is the whole array or a block of whole rows (``slice``s on the first dimension,
+    the other dimensions whole); ``data`` is a C-contiguous array of the region's shape, in
+    the leaf's dtype.
+    """
+
+    leaf: int
+    region: Index
+    data: np.ndarray
+
+
+@runtime_checkable
+class CheckpointExporter(Protocol):
+    """Writes a checkpoint in another system's layout (``ckptcore.convert(src, dst, to=name)``)."""
+
+    def export(
+        self, location: Location, leaves: Sequence[ExportLeaf], pieces: Iterable[ExportPiece], options: Mapping[str, Any]
+    ) -> Mapping[str, Any]:
+        """Write ``leaves`` into the directory ``location``, the data arriving as ``pieces``.
+
+        ``pieces`` streams every array leaf's data in leaf order (each leaf's row blocks in
+        order), at most a bounded batch of it held at a time: write each piece before taking
+        the next. Raise a :class:`~ckptcore.errors.CheckpointError` (naming the leaf) for
+        what the layout cannot hold, before writing anything. Returns a JSON-able summary.
+        """
+        ...
+
+
 @dataclass(frozen=True, kw_only=True)
 class _Provided:
     """Who provided a registration: filled in by the core from the plugin's distribution."""
@@ -316,6 +364,21 @@ class CheckpointLayoutRegistration(_Provided):
 
     def __post_init__(self) -> None:
         _check_name("CheckpointLayoutRegistration", self.name)
+
+
+@dataclass(frozen=True)
+class CheckpointExporterRegistration(_Provided):
+    """A named layout ``ckptcore convert --to NAME`` writes (``"safetensors"``: Hugging Face files...)."""
+
+    WORKER: ClassVar[tuple[str, type]] = ("exporter", CheckpointExporter)
+
+    name: str
+    exporter: CheckpointExporter
+
+    def __post_init__(self) -> None:
+        _check_name("CheckpointExporterRegistration", self.name)
+        if self.name == "ckptcore":
+            raise TypeError("CheckpointExporterRegistration.name 'ckptcore' is ckptcore's own layout; choose another")
 
 
 @dataclass(frozen=True)
