@@ -23,6 +23,11 @@ next one is being read, and compared with those checksums; then the index is wri
 read back, and only then is ``dst`` committed. A
 source that turns out damaged while streaming (a truncated data file) aborts the staging
 directory: ``dst`` never appears.
+
+**Other layouts.** ``to=NAME`` writes the layout of a plugin's checkpoint exporter (the
+``ckptcore_checkpoint_exporters`` hook; ``"safetensors"`` writes a Hugging Face directory)
+into the same staging directory, fed by the same checked, bounded stream of the source's
+arrays; the exporter verifies what it wrote, and the core commits ``dst``.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import copy
 import datetime
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +59,8 @@ from ckptcore.parallel.coordinator import LOCAL
 from ckptcore.plugins.manager import registry
 from ckptcore.plugins.registrations import (
     ArrayFormatRegistration,
+    ExportLeaf,
+    ExportPiece,
     Index,
     ProgressCallback,
     ReadRequest,
@@ -63,7 +70,7 @@ from ckptcore.plugins.registrations import (
 )
 from ckptcore.tree.dtypes import dtype_from_name
 from ckptcore.tree.keys import KeyPath, format_key_path, is_safe_storage_key, storage_key
-from ckptcore.tree.nodes import ARRAY_KINDS, Node, iter_leaves
+from ckptcore.tree.nodes import ARRAY_KINDS, Node, decode_scalar, iter_leaves
 from ckptcore.version import __version__
 
 DEFAULT_MAX_BYTES_IN_FLIGHT = 512 << 20
@@ -114,9 +121,14 @@ def convert(
     storage_options: Mapping[str, Any] | None = None,
     dst_storage_options: Mapping[str, Any] | None = None,
     force: bool = False,
+    to: str | None = None,
+    export_options: Mapping[str, Any] | None = None,
 ) -> ConvertReport:
     """Convert the checkpoint at ``src`` (any layout ckptcore reads) into a ckptcore checkpoint at ``dst``.
 
+    :param to: the layout to write: ``"ckptcore"`` (the default), or the name of a checkpoint
+        exporter a plugin provides (``"safetensors"``: a Hugging Face directory, with the
+        safetensors plugin), which gets ``export_options`` (see :func:`_export`).
     :param format: the array format to write (default: the default format, ``ocdbt``).
     :param max_bytes_in_flight: the most array bytes held at once (two batches of half of it).
     :param progress: ``True`` for a progress bar, or a callable(bytes done, bytes total);
@@ -128,6 +140,14 @@ def convert(
     limit = int(max_bytes_in_flight or DEFAULT_MAX_BYTES_IN_FLIGHT)
     if limit <= 0:
         raise InvalidOptionError(f"max_bytes_in_flight must be positive, got {max_bytes_in_flight!r}")
+    if to not in (None, "ckptcore"):
+        if format is not None:
+            raise InvalidOptionError(f"convert: format={format!r} names an array format of ckptcore's layout; "
+                                     f"with to={to!r} pass the exporter's export_options instead")
+        return _export(src, dst, str(to), export_options or {}, limit, progress, storage_options,
+                       dst_storage_options, force)
+    if export_options:
+        raise InvalidOptionError("convert: export_options go with to=<exporter>; ckptcore's layout takes format=")
     opened = open_checkpoint(src, storage_options)  # recognised, tree validated, metadata read
     leaves, tree = _plan(opened)
     readers = _readers(opened, leaves)
@@ -153,6 +173,78 @@ def convert(
             index.read_index(staging)  # the index written reads back (typed, validated)
             transaction.commit(staging, final, replace=force)
     return ConvertReport(opened.location.url, final.url, opened.layout, format_name, total, len(batches), len(leaves))
+
+
+def _export(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str, options: Mapping[str, Any], limit: int,
+            progress: ProgressCallback | bool | None, storage_options: Mapping[str, Any] | None,
+            dst_storage_options: Mapping[str, Any] | None, force: bool) -> ConvertReport:
+    """Another layout (``to``), written by a plugin's exporter into the staging directory of ``dst``, then committed.
+
+    The source is opened and checked as for ckptcore's layout; the exporter gets every leaf
+    and the array data streamed as for any conversion (batch ``k+1`` read while batch ``k``
+    is written, the source's checksums verified); it refuses what its layout cannot hold
+    before writing anything, and when it raises, ``dst`` never appears.
+    """
+    exporter = registry().checkpoint_exporter(to)
+    opened = open_checkpoint(src, storage_options)
+    leaves, _ = _plan(opened)
+    readers = _readers(opened, leaves)
+    position = {tuple(leaf.path): i for i, leaf in enumerate(leaves)}
+    described: list[ExportLeaf] = []
+    where: dict[int, int] = {}  # id of a _Leaf -> its position in ``described``
+    for path, record in iter_leaves(opened.doc["tree"]):
+        if record.get("kind") in ARRAY_KINDS:
+            leaf = leaves[position[tuple(path)]]
+            where[id(leaf)] = len(described)
+            described.append(ExportLeaf(tuple(path), str(record["kind"]), tuple(leaf.new["shape"]),
+                                        dtype_from_name(record["dtype"])))
+        else:
+            described.append(ExportLeaf(tuple(path), str(record.get("kind", "")), value=decode_scalar(tuple(path), record)))
+    batches = _batches(leaves, max(1, limit // 2))
+    final = storage.resolve(dst, dst_storage_options if dst_storage_options is not None else storage_options)
+    if final.url.rstrip("/") == opened.location.url.rstrip("/"):
+        raise InvalidOptionError(f"convert: the destination {final.url} is the source itself; choose another path")
+    strategy = storage.atomicity(final)
+    transaction = Transaction(strategy, LOCAL.operation("convert", "a conversion"), LOCAL)
+    total = sum(p.nbytes for batch in batches for p in batch)
+    with progress_lib.resolve(progress, f"converting {opened.location.url}") as callback:
+        staging = transaction.begin(final, check=lambda: check_replaceable(final, strategy, force))
+        with aborted_on_failure(transaction, staging, final.url):
+            pieces = _export_pieces(opened, readers, batches, where, callback, total)
+            try:
+                exporter.exporter.export(staging, described, pieces, dict(options))
+            except CheckpointError:
+                raise
+            except Exception as exc:
+                raise PluginError(
+                    f"the {to!r} checkpoint exporter ({exporter.distribution or 'registered in process'}) failed writing "
+                    f"{final.url}: {type(exc).__name__}: {exc}; nothing was committed"
+                ) from exc
+            finally:
+                pieces.close()
+            transaction.commit(staging, final, replace=force)
+    return ConvertReport(opened.location.url, final.url, opened.layout, to, total, len(batches), len(leaves))
+
+
+def _export_pieces(opened: OpenedCheckpoint, readers: Mapping[str, tuple[ArrayFormatRegistration, Any]],
+                   batches: list[list[_Piece]], where: Mapping[int, int], progress: ProgressCallback | None,
+                   total: int) -> Generator[ExportPiece, None, None]:
+    """The source's array data in leaf order, batch ``k+1`` read while the exporter writes batch ``k``."""
+    done = 0
+    if progress:
+        progress(0, total)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptcore-convert-read") as pool:
+        pending = pool.submit(_read_batch, opened, readers, batches[0]) if batches else None
+        for k, batch in enumerate(batches):
+            assert pending is not None
+            data = pending.result()
+            pending = pool.submit(_read_batch, opened, readers, batches[k + 1]) if k + 1 < len(batches) else None
+            for piece, array in zip(batch, data, strict=True):
+                yield ExportPiece(where[id(piece.leaf)], piece.region, array)
+                done += piece.nbytes
+                if progress:
+                    progress(done, total)
+            del data
 
 
 def _plan(opened: OpenedCheckpoint) -> tuple[list[_Leaf], Node]:
