@@ -49,7 +49,14 @@ ARENA_ITEM_BYTES = 64 << 10  # results up to this size share arenas of ARENA_BYT
 ARENA_BYTES = 4 << 20
 FORMAT_METADATA = {"format": "pt", "writer": "ckptcore-safetensors"}  # "pt": what HF loaders expect
 
-_FILE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,200}\.safetensors")
+# A plain file name inside the directory: no separators, no "..", no control characters,
+# not hidden (Hugging Face names like "model-00001-of-00002.safetensors", unicode too).
+_FILE_NAME = re.compile(r"[^./\\\x00-\x1f\x7f][^/\\\x00-\x1f\x7f]{0,250}\.safetensors")
+
+
+def is_safe_file_name(name: object) -> bool:
+    """Whether ``name`` (read from an index) is a safetensors file directly inside the directory."""
+    return type(name) is str and _FILE_NAME.fullmatch(name) is not None and ".." not in name
 
 
 def file_name(i: int, n: int) -> str:
@@ -245,7 +252,7 @@ def _checked_info(r: Any, reader: Any) -> list[tuple[str, str, tuple[tuple[int, 
         raise _corrupt_info(r, "not a map")
     if "shards" not in info:
         file, tensor = info.get("file"), info.get("tensor")
-        if type(file) is str and type(tensor) is str and _FILE_NAME.fullmatch(file) and ".." not in file:
+        if type(tensor) is str and is_safe_file_name(file):
             return [(file, tensor, ())]  # the index of a whole leaf is not needed
     shape = tuple(int(n) for n in r.shape)
     if "shards" in info:
@@ -266,7 +273,7 @@ def _checked_info(r: Any, reader: Any) -> list[tuple[str, str, tuple[tuple[int, 
     else:
         entries = [(info.get("file"), info.get("tensor"), tuple((0, n) for n in shape))]
     for file, tensor, _ in entries:
-        if not isinstance(file, str) or not _FILE_NAME.fullmatch(file) or ".." in file:
+        if not is_safe_file_name(file):
             raise CorruptCheckpointError(
                 f"array {r.key!r}: the index names safetensors file {file!r} in {reader.path('')}, "
                 "which is not a plain file name inside the checkpoint; the index is corrupt"
