@@ -8,13 +8,13 @@ import struct
 import subprocess
 import sys
 
+import ckptcore_safetensors
 import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
 import ckptcore
-import ckptcore_safetensors
 from ckptcore.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -316,7 +316,7 @@ def test_convert_refuses_what_hf_files_cannot_hold(tmp_path, leaf, match):
 
 def test_convert_refuses_colliding_names_and_bad_options(tmp_path):
     ckptcore.save(tmp_path / "ck", {"a.b": np.ones(2), "a": {"b": np.zeros(2)}})
-    with pytest.raises(UnsupportedLeafError, match="'a.b'"):
+    with pytest.raises(UnsupportedLeafError, match=r"'a\.b'"):
         ckptcore.convert(tmp_path / "ck", tmp_path / "hf", to="safetensors", progress=False)
     ckptcore.save(tmp_path / "ck2", {"w": np.ones(2)})
     with pytest.raises(InvalidOptionError, match="unknown export option"):
@@ -455,7 +455,7 @@ def test_weight_map_escaping_the_directory(sharded):
 
 
 def test_index_naming_a_missing_shard(sharded):
-    path, _, index = sharded
+    path, _, _ = sharded
     os.remove(path / "model-00002-of-00003.safetensors")
     _fails(path, "model-00002-of-00003.safetensors", "missing", "maps tensor")
 
