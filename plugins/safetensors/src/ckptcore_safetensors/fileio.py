@@ -44,7 +44,7 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 
 def byte_view(array: np.ndarray) -> memoryview:
     """A flat uint8 memoryview of a C-contiguous array (any dtype, ml_dtypes included)."""
-    return memoryview(array.reshape(-1).view(np.uint8))
+    return memoryview(array.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy stubs: ndarray is a buffer
 
 
 @dataclass
@@ -184,9 +184,9 @@ def write_local_files(
             fds.append(fd)
             os.ftruncate(fd, size)  # concurrent writers never race on the file's size
             for job in _jobs(parts, LOCAL_JOB_BYTES, 0, None):
-                tasks.append(lambda fd=fd, job=job: _write_job(fd, job, early_writeback))
+                tasks.append(lambda fd=fd, job=job: _write_job(fd, job, early_writeback))  # type: ignore[misc]  # a lambda with default arguments
         _run(threads, tasks)
-        _run(threads, [lambda fd=fd: os.fsync(fd) for fd in fds])
+        _run(threads, [lambda fd=fd: os.fsync(fd) for fd in fds])  # type: ignore[misc]  # a lambda with default arguments
     finally:
         for fd in fds:
             os.close(fd)
@@ -223,12 +223,12 @@ class LocalReader:
             fd, path = self.fds[name], self.path(name)
             segs.sort(key=lambda s: s.offset)
             for job in _jobs([(s.offset, s.dest) for s in segs], LOCAL_JOB_BYTES, LOCAL_MERGE_GAP, scratch):
-                tasks.append(lambda fd=fd, job=job, path=path: _preadv_all(fd, job.buffers, job.offset, path))
+                tasks.append(lambda fd=fd, job=job, path=path: _preadv_all(fd, job.buffers, job.offset, path))  # type: ignore[misc]  # a lambda with default arguments
         # Block buffers are reused: memory touched for the first time costs more than the copy.
         spare: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
         for name, bls in blocks.items():
             fd, path = self.fds[name], self.path(name)
-            tasks.extend(lambda fd=fd, b=b, path=path: _read_block(fd, b, path, spare) for b in bls)
+            tasks.extend(lambda fd=fd, b=b, path=path: _read_block(fd, b, path, spare) for b in bls)  # type: ignore[misc]  # a lambda with default arguments
         # Row blocks are read, then copied: two threads at least, so one copies while one reads.
         _run(max(threads, 2) if blocks else threads, tasks)
 
@@ -246,7 +246,7 @@ def _read_block(fd: int, block: ReadBlock, path: str, spare: queue.SimpleQueue[n
     if len(buf) < block.length:
         buf = aligned_empty((block.length,), np.dtype(np.uint8))
     view = buf[: block.length]
-    _preadv_all(fd, [memoryview(view)], block.offset, path)
+    _preadv_all(fd, [memoryview(view)], block.offset, path)  # type: ignore[arg-type]  # numpy stubs: ndarray is a buffer
     block.consume(view)
     spare.put(buf)
 
@@ -271,7 +271,7 @@ def write_remote_files(fs: Any, directory: str, files: Sequence[tuple[str, int, 
             for _, buf in parts:
                 f.write(buf)
 
-    _run(max(threads, REMOTE_WRITE_THREADS), [lambda n=name, p=parts: upload(n, p) for name, _, parts in files])
+    _run(max(threads, REMOTE_WRITE_THREADS), [lambda n=name, p=parts: upload(n, p) for name, _, parts in files])  # type: ignore[misc]  # a lambda with default arguments
 
 
 class RemoteReader:
@@ -347,7 +347,7 @@ class RemoteReader:
             for rel, seg in members:
                 if isinstance(seg, ReadBlock):
                     finishers.append(
-                        lambda seg=seg, data=data, rel=rel: seg.consume(np.frombuffer(data, np.uint8, seg.length, rel))
+                        lambda seg=seg, data=data, rel=rel: seg.consume(np.frombuffer(data, np.uint8, seg.length, rel))  # type: ignore[misc]  # a lambda with default arguments
                     )
                 else:
                     seg.dest[:] = view[rel : rel + seg.length]

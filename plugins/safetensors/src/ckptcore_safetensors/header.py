@@ -187,7 +187,7 @@ def parse(file: str, raw: bytes, file_size: int) -> Header:
                 f"{where}: data_offsets {offsets} reach past the end of the file ({data_size} data bytes); "
                 "the file is truncated or corrupt"
             )
-        tensors[name] = TensorEntry(dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+        tensors[name] = TensorEntry(str(dtype), tuple(shape), data_start + offsets[0], data_start + offsets[1])
     end = data_start
     previous = ""
     for name, entry in sorted(tensors.items(), key=lambda item: (item[1].start, item[1].stop)):

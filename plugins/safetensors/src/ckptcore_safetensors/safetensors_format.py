@@ -26,7 +26,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -54,7 +54,7 @@ FORMAT_METADATA = {"format": "pt", "writer": "ckptcore-safetensors"}  # "pt": wh
 _FILE_NAME = re.compile(r"[^./\\\x00-\x1f\x7f][^/\\\x00-\x1f\x7f]{0,250}\.safetensors")
 
 
-def is_safe_file_name(name: object) -> bool:
+def is_safe_file_name(name: object) -> TypeGuard[str]:
     """Whether ``name`` (read from an index) is a safetensors file directly inside the directory."""
     return type(name) is str and _FILE_NAME.fullmatch(name) is not None and ".." not in name
 
@@ -94,9 +94,9 @@ class SafetensorsFormat:
                 st_dtype, st_shape, raw = header.stored_as(dtype, tuple(r.shape))
                 name = tensor_name(r.key)
                 tensors.append((name, st_dtype, st_shape, _contiguous_bytes(r.shards[0].data, dtype)))
-                info = {"tensor": name, "raw": True} if raw else {"tensor": name}
-                owners.append([info])
-                infos.append(info)
+                whole_info: dict[str, Any] = {"tensor": name, "raw": True} if raw else {"tensor": name}
+                owners.append([whole_info])
+                infos.append(whole_info)
                 continue
             seen: set[tuple[tuple[int, int], ...]] = set()
             shards = []
@@ -218,7 +218,7 @@ def _contiguous_bytes(data: np.ndarray, dtype: np.dtype) -> memoryview:
         data = np.ascontiguousarray(np.asarray(data), dtype=dtype)
     if not data.dtype.isnative:
         data = data.astype(data.dtype.newbyteorder("="))
-    return memoryview(data.reshape(-1).view(np.uint8))
+    return memoryview(data.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy stubs: ndarray is a buffer
 
 
 def _assign_files(tensors: list[int], sizes: list[int], max_file_bytes: int, align: int) -> list[list[int]]:
@@ -272,7 +272,8 @@ def _checked_info(r: Any, reader: Any) -> list[tuple[str, str, tuple[tuple[int, 
             entries.append((s.get("file"), s.get("tensor"), tuple(index)))
     else:
         entries = [(info.get("file"), info.get("tensor"), tuple((0, n) for n in shape))]
-    for file, tensor, _ in entries:
+    checked: list[tuple[str, str, tuple[tuple[int, int], ...]]] = []
+    for file, tensor, region in entries:
         if not is_safe_file_name(file):
             raise CorruptCheckpointError(
                 f"array {r.key!r}: the index names safetensors file {file!r} in {reader.path('')}, "
@@ -280,7 +281,8 @@ def _checked_info(r: Any, reader: Any) -> list[tuple[str, str, tuple[tuple[int, 
             )
         if not isinstance(tensor, str):
             raise _corrupt_info(r, f"tensor name {tensor!r}")
-    return entries
+        checked.append((file, tensor, region))
+    return checked
 
 
 def _read_headers(reader: Any, names: list[str], threads: int) -> dict[str, header.Header]:
@@ -335,7 +337,7 @@ class _ReadPlan:
         start = self.arena_used + (-self.arena_used % fileio.ALIGN)
         if self.arena is None or start + nbytes > len(self.arena):
             self.arena = fileio.aligned_empty((ARENA_BYTES,), np.dtype(np.uint8))
-            self.arena_view = memoryview(self.arena)
+            self.arena_view = memoryview(self.arena)  # type: ignore[arg-type]  # numpy stubs: ndarray is a buffer
             start = 0
         self.arena_used = start + nbytes
         out = self.arena[start : start + nbytes].view(dtype).reshape(shape)
