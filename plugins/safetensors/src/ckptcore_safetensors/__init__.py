@@ -100,6 +100,4 @@ def ckptcore_checkpoint_layouts() -> list[Any]:
 
 @ckptcore.hookimpl
 def ckptcore_checkpoint_exporters() -> list[Any]:
-    from ckptcore.plugins.registrations import CheckpointExporterRegistration
-
-    return [CheckpointExporterRegistration(name="safetensors", exporter=_LazyExporter())]
+    return [ckptcore.CheckpointExporterRegistration(name="safetensors", exporter=_LazyExporter())]
