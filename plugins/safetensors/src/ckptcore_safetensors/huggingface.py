@@ -87,6 +87,15 @@ def _reader(location: Location) -> Any:
     return fileio.RemoteReader(location.fs, location.path.rstrip("/"))
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ckptcore-safetensors")
+    except PackageNotFoundError:
+        return ""
+
+
 class HuggingFaceLayout:
     """The ``huggingface`` checkpoint layout: safetensors files and model directories."""
 
@@ -137,7 +146,8 @@ class HuggingFaceLayout:
         for k, v in index_meta.items():
             metadata.setdefault(k, v)
         index = {"tree": {"type": "dict", "items": items}, "total_bytes": total, "metadata": metadata,
-                 "array_formats": {FORMAT: {"version": 1, "distribution": "ckptcore-safetensors"}}}
+                 "array_formats": {FORMAT: {"version": 1, "distribution": "ckptcore-safetensors",
+                                            "plugin_version": _version()}}}
         single = base is not location
         return ForeignCheckpoint(index=index, formats={FORMAT: HuggingFaceReader(single_file=single)},
                                  description=DESCRIPTION + (" file" if single else " directory"))
