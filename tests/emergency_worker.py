@@ -124,7 +124,7 @@ def train(mgr: CheckpointManager, state: dict[str, Any], start: int, steps: int,
             from ckptcore.io import save as saving
 
             mgr.wait_until_finished()  # the previous steps are complete; only step `hang` is interrupted
-            real = saving._write_own_shards
+            real = saving.write_own_shards
 
             def blocked(*args: Any, step: int = step, real: Any = real, **kwargs: Any) -> Any:
                 with open(f"{CONFIG['out']}.saving", "w") as f:
@@ -132,7 +132,7 @@ def train(mgr: CheckpointManager, state: dict[str, Any], start: int, steps: int,
                 time.sleep(600)  # killed here, in the middle of the save
                 return real(*args, **kwargs)
 
-            saving._write_own_shards = blocked  # type: ignore[assignment]
+            saving.write_own_shards = blocked  # type: ignore[assignment]
         t = time.perf_counter()
         mgr.save(step, state)
         timings.append(time.perf_counter() - t)

@@ -206,7 +206,7 @@ def test_corrupt_local_step_is_reported_and_dropped(tmp_path: Path) -> None:
 
 
 def test_unreachable_persistent_tier_at_restore(tmp_path: Path) -> None:
-    opts = Options(local_every=1, persistent_every=2, run_id="r1")
+    opts = Options(local_every=1, persistent_every=2, run_id="r1", local_max_to_keep=1)  # step 2 only in the persistent tier
     with CheckpointManager(tmp_path / "local", tmp_path / "bucket" / "run", opts) as mgr:
         for step in (1, 2, 3):
             mgr.save(step, _state(step))

@@ -275,6 +275,12 @@ class CheckpointManager:
         plan = self._plan(step)
         if plan["step"] is None:
             what = "any step" if step is None else f"step {step}"
+            if self._persistent is None:  # it may hold the step: say why it could not be asked
+                raise EmergencyRestoreError(
+                    f"no local tier holds {what} that every process can restore ({plan['reason']}), and the "
+                    f"persistent tier {self._persistent_url} (process {self._me}) is unreachable: "
+                    f"{self._persistent_error}"
+                )
             raise CheckpointNotFoundError(f"no tier holds {what} that every process can restore: {plan['reason']}")
         step = int(plan["step"])
         tier, reason = plan["tier"], plan["reason"]
