@@ -19,6 +19,8 @@ DTYPES = [
     "float16", "float32", "float64", "complex64", "complex128",
     "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e4m3b11fnuz",
     "int4", "uint4", "int2", "float8_e4m3", "float8_e3m4", "float6_e2m3fn", "float4_e2m1fn",
+    # kinds newer ml_dtypes releases added (0.7: float8_e5m3fnu), tested where installed
+    *[name for name in ("float8_e5m3fnu",) if hasattr(ml_dtypes, name)],
 ]
 
 
