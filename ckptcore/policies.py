@@ -11,52 +11,6 @@ orbax-checkpoint's policy objects, with its names and meanings (see
 
 from __future__ import annotations
 
-from ckptcore.manager.policies import (
-    AnyPreservationPolicy,
-    AnySavePolicy,
-    BestN,
-    ContinuousCheckpointingPolicy,
-    CustomSteps,
-    DecisionContext,
-    EveryNSeconds,
-    EveryNSteps,
-    EveryNStepsClosest,
-    FixedIntervalPolicy,
-    InitialSavePolicy,
-    LatestDuration,
-    LatestN,
-    PolicyCheckpointInfo,
-    PreemptionCheckpointingPolicy,
-    PreservationContext,
-    PreservationPolicy,
-    PreserveAll,
-    SaveDecisionPolicy,
-    ShouldKeepFnPolicy,
-    ShouldSaveFnPolicy,
-    SpecificStepsPolicy,
-)
-
-__all__ = [
-    "AnyPreservationPolicy",
-    "AnySavePolicy",
-    "BestN",
-    "ContinuousCheckpointingPolicy",
-    "CustomSteps",
-    "DecisionContext",
-    "EveryNSeconds",
-    "EveryNSteps",
-    "EveryNStepsClosest",
-    "FixedIntervalPolicy",
-    "InitialSavePolicy",
-    "LatestDuration",
-    "LatestN",
-    "PolicyCheckpointInfo",
-    "PreemptionCheckpointingPolicy",
-    "PreservationContext",
-    "PreservationPolicy",
-    "PreserveAll",
-    "SaveDecisionPolicy",
-    "ShouldKeepFnPolicy",
-    "ShouldSaveFnPolicy",
-    "SpecificStepsPolicy",
-]
+# The names are declared once, in ckptcore.manager.policies; this module is their public door.
+from ckptcore.manager.policies import *  # noqa: F403
+from ckptcore.manager.policies import __all__ as __all__

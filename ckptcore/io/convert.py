@@ -338,15 +338,12 @@ def _read_batch(opened: OpenedCheckpoint, readers: Mapping[str, tuple[ArrayForma
             requests.append(ReadRequest(key=str(record.get("key", "")), shape=tuple(int(n) for n in record["shape"]),
                                         saved_dtype=dtype, dtype=dtype, info=record.get("format_info", {}),
                                         regions=(batch[i].region,)))
-        try:
-            results = multiwriter.read_arrays(reg.format, base, requests, {})
-        except CheckpointError:
-            raise
-        except Exception as exc:
-            raise CorruptCheckpointError(
-                f"reading the arrays of {opened.location.url} (format {name!r}) failed: {type(exc).__name__}: {exc}; "
-                "the source is damaged or the storage failed. Nothing was written to the destination"
-            ) from exc
+        where = f"reading the arrays of {opened.location.url} (format {name!r}) failed"
+        results = multiwriter.read_or_explain(
+            reg.format, base, requests,
+            lambda exc, where=where: f"{where}: {type(exc).__name__}: {exc}; the source is damaged or the storage "  # type: ignore[misc]
+            "failed. Nothing was written to the destination",
+        )
         for i, arrays in zip(positions, results, strict=True):
             out[i] = arrays[0]
     for piece, data in zip(batch, out, strict=True):
@@ -434,15 +431,11 @@ def _verify_written(directory: Any, fmt: ArrayFormatRegistration, written: _Writ
         requests.append(ReadRequest(key=leaf.key, shape=tuple(int(x) for x in leaf.record["shape"]), saved_dtype=dtype,
                                     dtype=dtype, info={"writers": [writer]},
                                     regions=tuple(tuple(slice(a, b) for a, b in e["index"]) for e in entries)))
-    try:
-        results = multiwriter.read_arrays(fmt.format, directory, requests, {})
-    except CheckpointError:
-        raise
-    except Exception as exc:
-        raise CorruptCheckpointError(
-            f"converting: reading back what was written to {directory.url} failed ({type(exc).__name__}: {exc}); "
-            "nothing was committed"
-        ) from exc
+    results = multiwriter.read_or_explain(
+        fmt.format, directory, requests,
+        lambda exc: f"converting: reading back what was written to {directory.url} failed "
+        f"({type(exc).__name__}: {exc}); nothing was committed",
+    )
     for (leaf, _, entries), arrays in zip(written, results, strict=True):
         for entry, array in zip(entries, arrays, strict=True):
             if not checksums.matches(array, entry["checksum"]):

@@ -24,7 +24,7 @@ import json
 import math
 import threading
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -292,3 +292,16 @@ def read_arrays(
         for future in [pool.submit(read_from, p) for p in sorted(pieces)]:
             future.result()
     return results
+
+
+def read_or_explain(
+    fmt: ArrayFormat, location: Location, requests: Sequence[ReadRequest], explain: Callable[[Exception], str]
+) -> list[list[np.ndarray]]:
+    """:func:`read_arrays`; a failure that is not already a ckptcore error becomes a
+    :class:`CorruptCheckpointError` with the message ``explain(exc)`` (the original chained)."""
+    try:
+        return read_arrays(fmt, location, requests, {})
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CorruptCheckpointError(explain(exc)) from exc

@@ -223,16 +223,12 @@ def _execute_reads(
 
 def _read_wave(fmt: Any, location: Location, name: str, wave: list[PendingRead]) -> list[list[np.ndarray]]:
     """Read one wave from ``location`` (the format's directory, or a foreign checkpoint's own)."""
-    try:
-        # fmt.format.read, also for leaves written by several processes
-        results = multiwriter.read_arrays(fmt.format, location, [r.request for r in wave], {})
-    except CheckpointError:
-        raise
-    except Exception as exc:
-        raise CorruptCheckpointError(
-            f"reading arrays of {location.url} (format {name!r}) failed: {exc}; "
-            "the data is missing or corrupt, or the storage failed"
-        ) from exc
+    # fmt.format.read, also for leaves written by several processes
+    results = multiwriter.read_or_explain(
+        fmt.format, location, [r.request for r in wave],
+        lambda exc: f"reading arrays of {location.url} (format {name!r}) failed: {exc}; "
+        "the data is missing or corrupt, or the storage failed",
+    )
     if len(results) != len(wave):
         raise PluginError(
             f"array format {name!r} ({fmt.distribution}) returned {len(results)} results for "
