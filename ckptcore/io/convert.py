@@ -233,18 +233,13 @@ def _export_pieces(opened: OpenedCheckpoint, readers: Mapping[str, tuple[ArrayFo
     done = 0
     if progress:
         progress(0, total)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptcore-convert-read") as pool:
-        pending = pool.submit(_read_batch, opened, readers, batches[0]) if batches else None
-        for k, batch in enumerate(batches):
-            assert pending is not None
-            data = pending.result()
-            pending = pool.submit(_read_batch, opened, readers, batches[k + 1]) if k + 1 < len(batches) else None
-            for piece, array in zip(batch, data, strict=True):
-                yield ExportPiece(where[id(piece.leaf)], piece.region, array)
-                done += piece.nbytes
-                if progress:
-                    progress(done, total)
-            del data
+    for _, batch, data in _read_ahead(opened, readers, batches):
+        for piece, array in zip(batch, data, strict=True):
+            yield ExportPiece(where[id(piece.leaf)], piece.region, array)
+            done += piece.nbytes
+            if progress:
+                progress(done, total)
+        del data
 
 
 def _plan(opened: OpenedCheckpoint) -> tuple[list[_Leaf], Node]:
@@ -370,22 +365,17 @@ def _stream(opened: OpenedCheckpoint, readers: Mapping[str, tuple[ArrayFormatReg
     done = 0
     if progress:
         progress(0, 2 * total)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptcore-convert-read") as pool:
-        pending = pool.submit(_read_batch, opened, readers, batches[0]) if batches else None
-        for k, batch in enumerate(batches):
-            assert pending is not None
-            data = pending.result()
-            pending = pool.submit(_read_batch, opened, readers, batches[k + 1]) if k + 1 < len(batches) else None
-            nbytes = sum(p.nbytes for p in batch)
-            written = _write_batch(fmt, directory.child(f"process_{k}"), k, batch, data)
-            del data
-            done += nbytes
-            if progress:
-                progress(done, 2 * total)
-            _verify_written(directory, fmt, written)  # while the next batch is being read
-            done += nbytes
-            if progress:
-                progress(done, 2 * total)
+    for k, batch, data in _read_ahead(opened, readers, batches):
+        nbytes = sum(p.nbytes for p in batch)
+        written = _write_batch(fmt, directory.child(f"process_{k}"), k, batch, data)
+        del data
+        done += nbytes
+        if progress:
+            progress(done, 2 * total)
+        _verify_written(directory, fmt, written)  # while the next batch is being read
+        done += nbytes
+        if progress:
+            progress(done, 2 * total)
 
 
 _Written = list[tuple[_Leaf, dict[str, Any], list[dict[str, Any]]]]
@@ -475,3 +465,17 @@ def _finish_records(leaves: list[_Leaf], format_name: str) -> None:
 
 
 __all__ = ["ConvertReport", "convert"]
+
+
+def _read_ahead(
+    opened: OpenedCheckpoint, readers: Mapping[str, tuple[ArrayFormatRegistration, Any]], batches: list[list[_Piece]]
+) -> Generator[tuple[int, list[_Piece], list[np.ndarray]], None, None]:
+    """``(k, batch, data)`` for every batch, batch ``k+1`` read in a thread while the caller handles batch ``k``."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptcore-convert-read") as pool:
+        pending = pool.submit(_read_batch, opened, readers, batches[0]) if batches else None
+        for k, batch in enumerate(batches):
+            assert pending is not None
+            data = pending.result()
+            pending = pool.submit(_read_batch, opened, readers, batches[k + 1]) if k + 1 < len(batches) else None
+            yield k, batch, data
+            del data  # the caller is done with it: only the batch being read stays in memory
