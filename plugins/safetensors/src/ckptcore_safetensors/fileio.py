@@ -115,15 +115,21 @@ def _run(pool_size: int, tasks: list[Callable[[], None]]) -> None:
 # -- local disk ------------------------------------------------------------------------
 
 
+def _past(buffers: list[memoryview], n: int) -> list[memoryview]:
+    """What is left of ``buffers`` once a vectored call moved ``n`` bytes."""
+    while buffers and n >= len(buffers[0]):
+        n -= len(buffers[0])
+        buffers = buffers[1:]
+    if buffers and n:
+        buffers = [buffers[0][n:], *buffers[1:]]
+    return buffers
+
+
 def _pwritev_all(fd: int, buffers: list[memoryview], offset: int) -> None:
     while buffers:
         n = os.pwritev(fd, buffers, offset)
         offset += n
-        while buffers and n >= len(buffers[0]):
-            n -= len(buffers[0])
-            buffers = buffers[1:]
-        if buffers and n:
-            buffers = [buffers[0][n:], *buffers[1:]]
+        buffers = _past(buffers, n)
 
 
 def _preadv_all(fd: int, buffers: list[memoryview], offset: int, path: str) -> None:
@@ -132,11 +138,7 @@ def _preadv_all(fd: int, buffers: list[memoryview], offset: int, path: str) -> N
         if n == 0:
             raise CorruptCheckpointError(f"{path}: the file ends at byte {offset}, before the data its header describes")
         offset += n
-        while buffers and n >= len(buffers[0]):
-            n -= len(buffers[0])
-            buffers = buffers[1:]
-        if buffers and n:
-            buffers = [buffers[0][n:], *buffers[1:]]
+        buffers = _past(buffers, n)
 
 
 def _sync_file_range() -> Callable[[int, int, int], None] | None:
