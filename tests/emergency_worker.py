@@ -116,8 +116,27 @@ def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return int(a["step"]) == int(b["step"]) and np.array_equal(a["host"], b["host"])
 
 
+def time_exchange_dispatch() -> list[float]:
+    """Record how long each dispatch of the peer exchange takes inside the save (the benchmark's split)."""
+    from ckptcore.emergency import exchange
+
+    spent: list[float] = []
+    real = exchange.dispatch_to_peers
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            spent.append(time.perf_counter() - t)
+
+    exchange.dispatch_to_peers = timed  # type: ignore[assignment]
+    return spent
+
+
 def train(mgr: CheckpointManager, state: dict[str, Any], start: int, steps: int, hang: int | None = None) -> Any:
     timings = []
+    dispatch = time_exchange_dispatch() if CONFIG.get("compute_s") else []
     for step in range(start + 1, steps + 1):
         state = train_step(state)
         if step == hang:
@@ -133,11 +152,27 @@ def train(mgr: CheckpointManager, state: dict[str, Any], start: int, steps: int,
                 return real(*args, **kwargs)
 
             saving.write_own_shards = blocked  # type: ignore[assignment]
+        if CONFIG.get("compute_s"):  # the benchmark times the save, not the step's compute it would wait for
+            jax.block_until_ready(state)
         t = time.perf_counter()
         mgr.save(step, state)
         timings.append(time.perf_counter() - t)
+        time.sleep(float(CONFIG.get("compute_s", 0)))  # the benchmark's stand-in for the next steps' compute
     RESULT["save_blocking_s"] = timings
+    RESULT["exchange_dispatch_s"] = dispatch
     return state
+
+
+def async_blocking(state: dict[str, Any], saves: int) -> list[float]:
+    """AsyncCheckpointer's blocking time (its snapshot) per save, at the same cadence as ``train``."""
+    timings = []
+    with ckptcore.AsyncCheckpointer() as ckpt:
+        for i in range(saves):
+            t = time.perf_counter()
+            ckpt.save(f"{CONFIG['persistent']}-async/{i}", state)
+            timings.append(time.perf_counter() - t)
+            time.sleep(float(CONFIG.get("compute_s", 0)))
+    return timings
 
 
 def main() -> None:
@@ -153,10 +188,7 @@ def main() -> None:
             mgr._save_local(int(CONFIG["steps"]), state)  # the same step again (replaced)
             mgr._engine.wait()
             RESULT["local_total_s"] = time.perf_counter() - t
-            with ckptcore.AsyncCheckpointer() as ckpt:
-                t = time.perf_counter()
-                ckpt.save(f"{CONFIG['persistent']}-async", state)
-                RESULT["async_snapshot_s"] = time.perf_counter() - t
+            RESULT["async_snapshot_s"] = async_blocking(state, int(CONFIG["steps"]))
         RESULT["local_steps"] = mgr.local_steps()
         RESULT["persistent_steps"] = mgr.persistent_steps()
         RESULT["latest"] = mgr.latest_step()

@@ -11,6 +11,7 @@ commits, makes a late job abort instead of publishing a checkpoint nobody waits 
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -71,12 +72,19 @@ class BackgroundWriter:
 
     ``submit`` waits for the previous jobs first (one job at a time); ``enqueue`` queues
     behind them without waiting (the caller bounds how many it queues).
+
+    Each job gets its own thread so that a hung job, once abandoned, holds up nobody. The
+    threads are started by one long-lived starter thread, not by the caller:
+    ``Thread.start()`` waits until the new thread runs, which under a busy GIL (the previous
+    save still writing) costs the caller several switch intervals of blocking time.
     """
 
     def __init__(self, name: str = "ckptcore-writer") -> None:
         self._name = name
         self._cond = threading.Condition()
         self._jobs: list[Job] = []  # not yet released, or released with an error not yet raised
+        self._to_start: queue.SimpleQueue[tuple[Job, Job | None]] = queue.SimpleQueue()
+        self._starter: threading.Thread | None = None
 
     def submit(self, job: Callable[[], None], *, description: str, timeout: float | None = None) -> None:
         """Wait for the previous jobs (raising their errors), then start ``job`` in the background."""
@@ -93,15 +101,23 @@ class BackgroundWriter:
         with self._cond:
             previous = next((j for j in reversed(self._jobs) if not j.released.is_set()), None)
             self._jobs.append(job)
-        thread = threading.Thread(target=self._run, args=(job, previous), name=self._name, daemon=True)
-        thread.start()
+            self._to_start.put((job, previous))
+            if self._starter is None or not self._starter.is_alive():  # the first job (or after a fork)
+                self._starter = threading.Thread(target=self._start_jobs, name=f"{self._name}-starter", daemon=True)
+                self._starter.start()
         return job
+
+    def _start_jobs(self) -> None:
+        while True:
+            job, previous = self._to_start.get()
+            threading.Thread(target=self._run, args=(job, previous), name=self._name, daemon=True).start()
 
     def _run(self, job: Job, previous: Job | None) -> None:
         if previous is not None:
             previous.released.wait()
         with self._cond:
             job.started = time.monotonic()
+            self._cond.notify_all()  # a waiter's nap now ends at this job's deadline
         _local.job = job
         error: BaseException | None = None
         try:

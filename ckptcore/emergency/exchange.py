@@ -1,9 +1,10 @@
 """Moving bytes between processes through JAX: peer replicas at save, replica hand-over at restore.
 
 Save: every process's shards go to its peer with one jitted ``ppermute`` over a 1-D mesh
-of all devices. Each leaf is stacked as ``(num_devices, *shard_shape)`` from its device
-shards without leaving the devices, and device ``k`` of process ``p`` sends its row to
-device ``k`` of process ``p + shift``. The call is *dispatched* in the caller's thread
+of all devices. Each leaf's device shards, as they are (no copy, no reshape: an eager
+reshape of a large shard costs a copy inside the save's blocking time), become the blocks
+of one array of shape ``(num_devices * shard_rows, *rest)`` split over that mesh, and
+device ``k`` of process ``p`` sends its block to device ``k`` of process ``p + shift``. The call is *dispatched* in the caller's thread
 (so it is ordered like every other collective of the training program, on every process)
 and awaited in the background writer, which only reads the result: the local save's
 blocking time stays the snapshot.
@@ -80,14 +81,15 @@ def dispatch_to_peers(values: list[Any], shift: int) -> list[Any]:
     stacked = []
     for value in values:
         shard_shape = tuple(int(s) for s in value.sharding.shard_shape(value.shape))
+        block = shard_shape or (1,)  # a 0-d shard travels as one element
         by_device = {s.device: s.data for s in value.addressable_shards}
         rows = []
         for device in local:
             data = by_device.get(device)
             if data is None:  # a leaf on a subset of the devices: this device sends zeros
-                data = jax.device_put(np.zeros(shard_shape, value.dtype), device)
-            rows.append(data.reshape((1, *shard_shape)))
-        stacked.append(jax.make_array_from_single_device_arrays((n, *shard_shape), sharding, rows))
+                data = jax.device_put(np.zeros(block, value.dtype), device)
+            rows.append(data if shard_shape else data.reshape(block))
+        stacked.append(jax.make_array_from_single_device_arrays((n * block[0], *block[1:]), sharding, rows))
     out = list(fn(*stacked))
     for array in out:
         for shard in array.addressable_shards:
@@ -96,14 +98,14 @@ def dispatch_to_peers(values: list[Any], shift: int) -> list[Any]:
     return out
 
 
-def received_row(result: Any, local_index: int) -> np.ndarray:
-    """The row this process's ``local_index``-th device received (host memory)."""
+def received_row(result: Any, local_index: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The block (of ``shape``) this process's ``local_index``-th device received, in host memory."""
     import jax
 
     device = [d for d in devices_by_process()[jax.process_index()]][local_index]
     for shard in result.addressable_shards:
         if shard.device == device:
-            return np.asarray(shard.data)[0]
+            return np.asarray(shard.data).reshape(shape)
     raise CheckpointError(f"no shard of the exchanged array on device {device}")
 
 

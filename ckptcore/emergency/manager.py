@@ -183,7 +183,8 @@ class CheckpointManager:
         for j, result in zip(chosen, results, strict=True):
             leaf = view.jax_leaves[j]
             rows[leaf.write] = {
-                views._key(index): exchange.received_row(result, devices.index(device))
+                views._key(index): exchange.received_row(result, devices.index(device),
+                                                         tuple(s.stop - s.start for s in index))
                 for index, device in views.process_regions(leaf.value, source)
             }
         return rows
