@@ -4,7 +4,7 @@ Per run: train ``--steps`` steps saving the local tier every step and the persis
 every ``--persistent-every``, with ``--compute-s`` seconds of (simulated) training between
 saves, as a real job has; then SIGKILL the job; resume (a) after deleting process 1's local
 directory (replica hand-over) and (b) from the persistent tier only (every local directory
-deleted). Reports medians over ``--runs`` of: the blocking time of saves that write the local
+deleted), each with the page cache dropped first. Reports medians over ``--runs`` of: the blocking time of saves that write the local
 tier only, and of saves that also start a persistent save (the first save, which compiles the
 exchange, is left out of both); AsyncCheckpointer's blocking time (its snapshot) for the same
 state at the same cadence (its first save left out too); the total local save time (snapshot
@@ -26,8 +26,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import test_emergency as t
+from pagecache import drop_page_cache  # a sibling module
 
 
 def main() -> None:
@@ -67,12 +69,14 @@ def main() -> None:
             dispatch = statistics.median(x for r in train for x in r["exchange_dispatch_s"][1:]) if args.replicas else 0.0
             local_total = statistics.median(r["local_total_s"] for r in train)
             shutil.rmtree(tmp / "local1")
+            drop_page_cache()  # both resumes read from disk, as after a restart
             res = t.run_job(tmp, "resume", persistent, **cfg)
             replica = max(r["restore_s"] for r in res)
             lost_one_tier = "local" if args.replicas else "persistent"  # without a replica the lost shards are gone
             assert all(r["info"]["tier"] == lost_one_tier and r["identical"] for r in res)
             for i in range(4):
                 shutil.rmtree(tmp / f"local{i}", ignore_errors=True)
+            drop_page_cache()  # both resumes read from disk, as after a restart
             res = t.run_job(tmp, "resume", persistent, **cfg)
             assert all(r["info"]["tier"] == "persistent" and r["identical"] for r in res)
             persistent_s = max(r["restore_s"] for r in res)
