@@ -8,13 +8,17 @@ and the jobs run on a thread pool (the GIL is released during the system calls).
 
 from __future__ import annotations
 
+import errno
 import math
+import mmap
 import os
 import queue
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -173,24 +177,120 @@ def _write_job(fd: int, job: _Job, early_writeback: bool) -> None:
         _START_WRITEBACK(fd, job.offset, job.nbytes)
 
 
+# -- direct I/O ---------------------------------------------------------------------------
+#
+# With O_DIRECT the data goes from a small aligned bounce buffer straight to the disk: no
+# page cache is filled. That is steadier, not only lighter: filling the page cache means
+# the kernel finds a free page per 4 KiB written, and on a virtual machine whose host takes
+# freed memory back (virtio-balloon free page reporting), a page not touched for a few
+# seconds costs a fault into the host first (about 2.6 s per GiB on the CI machine, against
+# 0.07 s for a recently used one). O_DIRECT needs offsets, lengths and buffer addresses
+# aligned to the device's block size: the file is written in aligned stripes copied into
+# page-aligned buffers (a copy runs at memory speed, with the GIL released), the last stripe
+# padded, and the file cut to its size before the one fsync.
+
+DIRECT_ALIGN = 4096  # a multiple of every common logical block size
+DIRECT_STRIPE_BYTES = 8 << 20  # one pwrite: large enough for the disk, small enough to keep a few per thread
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+_bounce_lock = threading.Lock()
+_bounce_free: list[np.ndarray] = []  # kept between saves: a recently used buffer costs no page faults
+
+
+def _bounce_buffer() -> np.ndarray:
+    with _bounce_lock:
+        if _bounce_free:
+            return _bounce_free.pop()
+    raw = mmap.mmap(-1, DIRECT_STRIPE_BYTES)  # anonymous maps are page-aligned
+    return np.frombuffer(raw, np.uint8)
+
+
+def _release_bounce(buffer: np.ndarray) -> None:
+    with _bounce_lock:
+        _bounce_free.append(buffer)
+
+
+def _open_direct(path: str) -> int | None:
+    """``path`` opened for O_DIRECT writing, or None where the platform or file system refuses it (tmpfs...)."""
+    if not _O_DIRECT:
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | _O_DIRECT, 0o644)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+            return None
+        raise
+
+
+def _stripes(size: int, parts: Sequence[tuple[int, memoryview]]) -> list[tuple[int, int, list[tuple[int, memoryview]]]]:
+    """``(start, stop, pieces)`` per stripe of the file: the parts' bytes that fall in ``[start, stop)``."""
+    out: list[tuple[int, int, list[tuple[int, memoryview]]]] = []
+    i = 0
+    for start in range(0, size, DIRECT_STRIPE_BYTES):
+        stop = min(size, start + DIRECT_STRIPE_BYTES)
+        pieces: list[tuple[int, memoryview]] = []
+        while i < len(parts) and parts[i][0] + len(parts[i][1]) <= start:
+            i += 1
+        j = i
+        while j < len(parts) and parts[j][0] < stop:
+            offset, buf = parts[j]
+            a, b = max(offset, start), min(offset + len(buf), stop)
+            if a < b:
+                pieces.append((a - start, buf[a - offset : b - offset]))
+            j += 1
+        out.append((start, stop, pieces))
+    return out
+
+
+def _write_stripe(fd: int, start: int, stop: int, pieces: list[tuple[int, memoryview]]) -> None:
+    buffer = _bounce_buffer()
+    try:
+        length = -(-(stop - start) // DIRECT_ALIGN) * DIRECT_ALIGN  # the last stripe is padded; truncated later
+        covered = sum(len(piece) for _, piece in pieces)
+        if covered < length:  # a gap (or the padding) reads as zeros, as in a sparse file
+            buffer[:length] = 0
+        for at, piece in pieces:
+            np.copyto(buffer[at : at + len(piece)], np.frombuffer(piece, np.uint8))
+        view = memoryview(buffer)[:length]  # type: ignore[arg-type]  # numpy stubs: ndarray is a buffer
+        done = 0
+        while done < length:
+            done += os.pwrite(fd, view[done:], start + done)
+    finally:
+        _release_bounce(buffer)
+
+
 def write_local_files(
-    directory: str, files: Sequence[tuple[str, int, list[tuple[int, memoryview]]]], threads: int, early_writeback: bool = True
+    directory: str, files: Sequence[tuple[str, int, list[tuple[int, memoryview]]]], threads: int,
+    early_writeback: bool = True, direct: bool = True,
 ) -> None:
-    """Write ``files`` ((name, size, parts sorted by offset)) in parallel, then fsync each once."""
+    """Write ``files`` ((name, size, parts sorted by offset)) in parallel, then fsync each once.
+
+    ``direct``: with O_DIRECT where the file system takes it (see above), else through the
+    page cache (``early_writeback``: each range handed to the disk once it is written).
+    """
     os.makedirs(directory, exist_ok=True)
-    fds: list[int] = []
+    fds: list[tuple[int, int, bool]] = []  # fd, size, written directly
     try:
         tasks: list[Callable[[], None]] = []
         for name, size, parts in files:
-            fd = os.open(os.path.join(directory, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            fds.append(fd)
+            path = os.path.join(directory, name)
+            fd = _open_direct(path) if direct else None
+            if fd is not None:
+                fds.append((fd, size, True))
+                for start, stop, pieces in _stripes(size, parts):
+                    tasks.append(partial(_write_stripe, fd, start, stop, pieces))
+                continue
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            fds.append((fd, size, False))
             os.ftruncate(fd, size)  # concurrent writers never race on the file's size
             for job in _jobs(parts, LOCAL_JOB_BYTES, 0, None):
-                tasks.append(lambda fd=fd, job=job: _write_job(fd, job, early_writeback))  # type: ignore[misc]  # a lambda with default arguments
+                tasks.append(partial(_write_job, fd, job, early_writeback))
         _run(threads, tasks)
-        _run(threads, [lambda fd=fd: os.fsync(fd) for fd in fds])  # type: ignore[misc]  # a lambda with default arguments
+        for fd, size, was_direct in fds:
+            if was_direct:
+                os.ftruncate(fd, size)  # drop the last stripe's padding
+        _run(threads, [partial(os.fsync, fd) for fd, _, _ in fds])
     finally:
-        for fd in fds:
+        for fd, _, _ in fds:
             os.close(fd)
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from ckptcore.errors import CorruptCheckpointError, InvalidOptionError
 from ckptcore_safetensors import fileio, header
 
-OPTIONS = ("max_file_bytes", "threads", "align", "early_writeback")
+OPTIONS = ("max_file_bytes", "threads", "align", "early_writeback", "direct_io")
 DEFAULT_MAX_FILE_BYTES = 4 << 30
 # An object is uploaded as one sequential stream; several smaller objects upload in parallel.
 DEFAULT_REMOTE_MAX_FILE_BYTES = 64 << 20
@@ -144,7 +144,8 @@ class SafetensorsFormat:
             size = len(head) + sum(len(tensors[t][3]) for t in members)
             planned.append((name, size, parts))
         if local is not None:
-            fileio.write_local_files(local, planned, threads, bool(options.get("early_writeback", True)))
+            fileio.write_local_files(local, planned, threads, bool(options.get("early_writeback", True)),
+                                     bool(options.get("direct_io", True)))
         else:
             fileio.write_remote_files(location.fs, location.path.rstrip("/"), planned, threads)
         return infos
