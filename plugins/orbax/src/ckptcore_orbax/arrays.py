@@ -26,6 +26,8 @@ FORMAT = "orbax_tensorstore"
 
 def context() -> ts.Context:
     return ts.Context({
+        # Many reads in flight: a cold read from a virtual disk is latency-bound (orbax uses 128 too).
+        "file_io_concurrency": {"limit": 128},
         "cache_pool": {"total_bytes_limit": 0},  # chunks are read once
         "cache_pool#ocdbt": {"total_bytes_limit": 64 << 20},  # B-tree nodes are shared by every array
     })
