@@ -346,14 +346,28 @@ def test_sharded_jax_array_restored_onto_another_mesh(tmp_path):
 # -- object stores -------------------------------------------------------------------------
 
 
-def test_object_store_round_trip(cloud, tmp_path):
+@pytest.mark.parametrize("via", ["tensorstore", "fsspec"])
+def test_object_store_round_trip(cloud, tmp_path, via, monkeypatch):
     import importlib.util
 
     from safetensors.numpy import load_file
 
+    from ckptcore_safetensors import tensorstore_io
+
     plugin = "ckptcore_gcs" if cloud.scheme == "gs" else "ckptcore_s3"
     if importlib.util.find_spec(plugin) is None:  # this plugin's tests also run beside the core alone
         pytest.skip(f"{plugin} is not installed")
+    if via == "tensorstore" and importlib.util.find_spec("ckptcore_zarr3") is None:
+        pytest.skip("ckptcore-zarr3 (TensorStore) is not installed")
+    opened = []
+    real_open = tensorstore_io.open_kvstore
+
+    def open_kvstore(location):
+        kv = real_open(location) if via == "tensorstore" else None
+        opened.append(kv)
+        return kv
+
+    monkeypatch.setattr(tensorstore_io, "open_kvstore", open_kvstore)
 
     rng = np.random.default_rng(1)
     state = {"big": rng.standard_normal((512, 1024)).astype(np.float32), "c": (np.arange(10) * 1j).astype(np.complex128),
@@ -386,6 +400,12 @@ def test_object_store_round_trip(cloud, tmp_path):
         loaded.update(load_file(local))
     np.testing.assert_array_equal(loaded["big"], state["big"])
     np.testing.assert_array_equal(loaded["small/s7"], state["small"]["s7"])
+    assert len(opened) >= 3 and all((kv is not None) == (via == "tensorstore") for kv in opened)  # save + 2 restores
+    # A truncated object is found, whichever client reads it.
+    biggest = max(names, key=lambda n: fs.info(n)["size"])
+    fs.pipe_file(biggest, fs.cat_file(biggest)[: -4096])
+    with pytest.raises(CorruptCheckpointError, match="safetensors|truncated|fewer bytes"):
+        ckptcore.restore(url)
 
 
 # -- bad input ------------------------------------------------------------------------------

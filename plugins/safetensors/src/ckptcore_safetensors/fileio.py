@@ -198,8 +198,10 @@ _bounce_free: list[np.ndarray] = []  # kept between saves: a recently used buffe
 
 def _bounce_buffer() -> np.ndarray:
     with _bounce_lock:
-        if _bounce_free:
-            return _bounce_free.pop()
+        while _bounce_free:
+            buffer = _bounce_free.pop()
+            if len(buffer) >= DIRECT_STRIPE_BYTES:  # (a buffer of a smaller stripe size is dropped)
+                return buffer
     raw = mmap.mmap(-1, DIRECT_STRIPE_BYTES)  # anonymous maps are page-aligned
     return np.frombuffer(raw, np.uint8)
 
@@ -436,6 +438,10 @@ class RemoteReader:
 
     def _fetch(self, batch: list[tuple[str, int, int, list[tuple[int, Any]]]], threads: int) -> None:
         got = self.fs.cat_ranges([b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch], on_error="raise")
+        self._deliver(batch, got, threads)
+
+    def _deliver(self, batch: list[tuple[str, int, int, list[tuple[int, Any]]]], got: Sequence[Any], threads: int) -> None:
+        """Copy each downloaded range of ``batch`` into its segments, and hand its row blocks over."""
         finishers: list[Callable[[], None]] = []
         for (path, start, stop, members), data in zip(batch, got, strict=True):
             if isinstance(data, BaseException):

@@ -37,7 +37,7 @@ from ckptcore.errors import (
 )
 from ckptcore.plugins.registrations import ForeignCheckpoint, Location, ReadRequest
 from ckptcore.tree.keys import storage_key
-from ckptcore_safetensors import fileio, header
+from ckptcore_safetensors import fileio, header, tensorstore_io
 from ckptcore_safetensors.safetensors_format import (
     DEFAULT_READ_THREADS,
     SafetensorsFormat,
@@ -84,7 +84,7 @@ def _reader(location: Location) -> Any:
     local = _local_directory(location)
     if local is not None:
         return fileio.LocalReader(local)
-    return fileio.RemoteReader(location.fs, location.path.rstrip("/"))
+    return tensorstore_io.remote_reader(location)
 
 
 def _version() -> str:

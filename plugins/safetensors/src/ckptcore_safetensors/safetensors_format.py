@@ -31,7 +31,7 @@ from typing import Any, TypeGuard
 import numpy as np
 
 from ckptcore.errors import CorruptCheckpointError, InvalidOptionError
-from ckptcore_safetensors import fileio, header
+from ckptcore_safetensors import fileio, header, tensorstore_io
 
 OPTIONS = ("max_file_bytes", "threads", "align", "early_writeback", "direct_io")
 DEFAULT_MAX_FILE_BYTES = 4 << 30
@@ -147,7 +147,11 @@ class SafetensorsFormat:
             fileio.write_local_files(local, planned, threads, bool(options.get("early_writeback", True)),
                                      bool(options.get("direct_io", True)))
         else:
-            fileio.write_remote_files(location.fs, location.path.rstrip("/"), planned, threads)
+            kv = tensorstore_io.open_kvstore(location)
+            if kv is not None:
+                tensorstore_io.write_objects(kv, location.url, planned)
+            else:
+                fileio.write_remote_files(location.fs, location.path.rstrip("/"), planned, threads)
         return infos
 
     # -- read ------------------------------------------------------------------------
@@ -158,7 +162,7 @@ class SafetensorsFormat:
         if local is not None:
             reader: Any = fileio.LocalReader(local)
         else:
-            reader = fileio.RemoteReader(location.fs, location.path.rstrip("/"))
+            reader = tensorstore_io.remote_reader(location)
         try:
             checked = [_checked_info(r, reader) for r in requests]
             names = sorted({f for info in checked for f, _, _ in info})

@@ -1,0 +1,118 @@
+"""Object stores through TensorStore's key-value stores, where ckptcore-zarr3 (TensorStore) is installed.
+
+Uploads and ranged downloads of safetensors objects go through TensorStore's C++ HTTP
+clients (the ``gcs`` and ``s3`` kvstore drivers, with the retries and request concurrency
+of the storage address) instead of the storage plugin's fsspec client: on a 2-core
+machine the Python clients were the bottleneck (1 GiB on the GCS emulator: 7.2 s to save
+and 4.6 s to restore through gcsfs; 2.5 s and 0.7 s for the same bytes through
+TensorStore). Object sizes and headers still come from fsspec (one small request per
+file); only the bulk bytes move here. Without TensorStore, :mod:`ckptcore_safetensors.fileio`
+does it all through fsspec.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+from typing import Any
+
+from ckptcore.errors import CorruptCheckpointError, StorageError
+from ckptcore_safetensors import fileio
+
+UPLOAD_BYTES_IN_FLIGHT = 256 << 20  # each object is assembled in memory before its upload
+
+
+def open_kvstore(location: Any) -> Any | None:
+    """A TensorStore kvstore of ``location``'s directory on GCS or S3, or None (no TensorStore, other storage)."""
+    address = getattr(location, "address", None)
+    if address is None or getattr(address, "scheme", None) not in ("gs", "gcs", "s3", "s3a"):
+        return None
+    try:
+        import tensorstore as ts
+        from ckptcore_zarr3.kvstore import kvstore_spec
+    except ImportError:
+        return None
+    try:
+        return ts.KvStore.open(kvstore_spec(address)).result()
+    except ValueError as exc:
+        raise StorageError(f"could not open {location.url} through TensorStore: {exc}") from exc
+
+
+def write_objects(kv: Any, url: str, files: Sequence[tuple[str, int, list[tuple[int, memoryview]]]]) -> None:
+    """Upload each file ``(name, size, parts)`` as one object, at most :data:`UPLOAD_BYTES_IN_FLIGHT` assembled at once."""
+    pending: collections.deque[tuple[str, Any, int]] = collections.deque()
+    in_flight = 0
+
+    def finish_oldest() -> None:
+        nonlocal in_flight
+        name, future, size = pending.popleft()
+        try:
+            future.result()
+        except ValueError as exc:
+            raise StorageError(f"uploading {url.rstrip('/')}/{name} failed: {exc}") from exc
+        in_flight -= size
+
+    for name, size, parts in files:
+        while pending and in_flight + size > UPLOAD_BYTES_IN_FLIGHT:
+            finish_oldest()
+        pending.append((name, kv.write(name, _assemble(size, parts)), size))
+        in_flight += size
+    while pending:
+        finish_oldest()
+
+
+def _assemble(size: int, parts: list[tuple[int, memoryview]]) -> bytes:
+    ends = [offset + len(buf) for offset, buf in parts]
+    if parts and parts[0][0] == 0 and ends[-1] == size and all(o == e for (o, _), e in zip(parts[1:], ends, strict=False)):
+        return b"".join(buf for _, buf in parts)  # contiguous (a safetensors file has no gaps): one copy
+    body = bytearray(size)
+    for offset, buf in parts:
+        body[offset : offset + len(buf)] = buf
+    return bytes(body)
+
+
+class TensorStoreReader(fileio.RemoteReader):
+    """:class:`~ckptcore_safetensors.fileio.RemoteReader` whose ranged reads go through a TensorStore kvstore."""
+
+    def __init__(self, fs: Any, directory: str, kv: Any) -> None:
+        super().__init__(fs, directory)
+        self.kv = kv
+
+    def read_range(self, name: str, start: int, stop: int) -> bytes:
+        head = self.heads.get(name, b"")
+        if stop <= len(head):
+            return head[start:stop]
+        return self._ranges([(name, start, stop)])[0]
+
+    def _fetch(self, batch: list[tuple[str, int, int, list[tuple[int, Any]]]], threads: int) -> None:
+        names = [path.rpartition("/")[2] for path, _, _, _ in batch]
+        got = self._ranges([(n, start, stop) for n, (_, start, stop, _) in zip(names, batch, strict=True)])
+        self._deliver(batch, got, threads)
+
+    def _ranges(self, ranges: list[tuple[str, int, int]]) -> list[bytes]:
+        futures = [self.kv.read(name, byte_range=slice(start, stop)) for name, start, stop in ranges]
+        out = []
+        for (name, start, stop), future in zip(ranges, futures, strict=True):
+            try:
+                result = future.result()
+            except ValueError as exc:
+                if "OUT_OF_RANGE" in str(exc) or "416" in str(exc):
+                    raise CorruptCheckpointError(
+                        f"{self.path(name)}: the object holds fewer bytes than its safetensors header describes "
+                        f"(range {start}-{stop}); it is truncated"
+                    ) from exc
+                raise StorageError(f"reading {self.path(name)} (bytes {start}-{stop}) failed: {exc}") from exc
+            if result.state != "value":
+                raise CorruptCheckpointError(f"{self.path(name)}: safetensors file missing from the checkpoint")
+            out.append(bytes(result.value))
+        return out
+
+
+def remote_reader(location: Any) -> fileio.RemoteReader:
+    """The reader of a checkpoint directory on an object store: through TensorStore where it can."""
+    directory = location.path.rstrip("/")
+    kv = open_kvstore(location)
+    return fileio.RemoteReader(location.fs, directory) if kv is None else TensorStoreReader(location.fs, directory, kv)
+
+
+__all__ = ["TensorStoreReader", "open_kvstore", "remote_reader", "write_objects"]
