@@ -350,9 +350,8 @@ def test_sharded_jax_array_restored_onto_another_mesh(tmp_path):
 def test_object_store_round_trip(cloud, tmp_path, via, monkeypatch):
     import importlib.util
 
-    from safetensors.numpy import load_file
-
     from ckptcore_safetensors import tensorstore_io
+    from safetensors.numpy import load_file
 
     plugin = "ckptcore_gcs" if cloud.scheme == "gs" else "ckptcore_s3"
     if importlib.util.find_spec(plugin) is None:  # this plugin's tests also run beside the core alone
@@ -404,7 +403,7 @@ def test_object_store_round_trip(cloud, tmp_path, via, monkeypatch):
     # A truncated object is found, whichever client reads it.
     biggest = max(names, key=lambda n: fs.info(n)["size"])
     fs.pipe_file(biggest, fs.cat_file(biggest)[: -4096])
-    with pytest.raises(CorruptCheckpointError, match="safetensors|truncated|fewer bytes"):
+    with pytest.raises(CorruptCheckpointError, match=r"safetensors|truncated|fewer bytes"):
         ckptcore.restore(url)
 
 

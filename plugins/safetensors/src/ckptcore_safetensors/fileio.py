@@ -407,7 +407,20 @@ class RemoteReader:
         return self.fs.cat_file(self.path(name), start=start, end=stop)
 
     def read(self, segments: dict[str, list[ReadSegment]], blocks: dict[str, list[ReadBlock]], threads: int) -> None:
-        # (path, start, stop, [(offset within the range, segment or block)])
+        batch: list[tuple[str, int, int, list[tuple[int, Any]]]] = []
+        size = 0
+        for r in self._ranges_of(segments, blocks):
+            batch.append(r)
+            size += r[2] - r[1]
+            if size >= REMOTE_BATCH_BYTES:
+                self._fetch(batch, threads)
+                batch, size = [], 0
+        if batch:
+            self._fetch(batch, threads)
+
+    def _ranges_of(self, segments: dict[str, list[ReadSegment]],
+                   blocks: dict[str, list[ReadBlock]]) -> list[tuple[str, int, int, list[tuple[int, Any]]]]:
+        """The ranged requests: ``(path, start, stop, [(offset within the range, segment or block)])``."""
         ranges: list[tuple[str, int, int, list[tuple[int, Any]]]] = []
         for name, bls in blocks.items():
             ranges.extend((self.path(name), b.offset, b.offset + b.length, [(0, b)]) for b in bls)
@@ -425,16 +438,7 @@ class RemoteReader:
                     else:
                         ranges.append((path, off, off + len(piece), []))
                     ranges[-1][3].append((off - ranges[-1][1], part))
-        batch: list[tuple[str, int, int, list[tuple[int, Any]]]] = []
-        size = 0
-        for r in ranges:
-            batch.append(r)
-            size += r[2] - r[1]
-            if size >= REMOTE_BATCH_BYTES:
-                self._fetch(batch, threads)
-                batch, size = [], 0
-        if batch:
-            self._fetch(batch, threads)
+        return ranges
 
     def _fetch(self, batch: list[tuple[str, int, int, list[tuple[int, Any]]]], threads: int) -> None:
         got = self.fs.cat_ranges([b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch], on_error="raise")

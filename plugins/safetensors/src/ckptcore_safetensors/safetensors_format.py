@@ -166,7 +166,8 @@ class SafetensorsFormat:
         try:
             checked = [_checked_info(r, reader) for r in requests]
             names = sorted({f for info in checked for f, _, _ in info})
-            headers = _read_headers(reader, names, threads)
+            # An object store answers each header request after a round trip: many in flight.
+            headers = _read_headers(reader, names, threads if local is not None else max(threads, fileio.REMOTE_WRITE_THREADS))
             plan = _ReadPlan()
             outs: list[list[np.ndarray]] = []
             for r, entries in zip(requests, checked, strict=True):

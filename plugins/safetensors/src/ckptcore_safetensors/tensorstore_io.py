@@ -84,28 +84,43 @@ class TensorStoreReader(fileio.RemoteReader):
             return head[start:stop]
         return self._ranges([(name, start, stop)])[0]
 
-    def _fetch(self, batch: list[tuple[str, int, int, list[tuple[int, Any]]]], threads: int) -> None:
-        names = [path.rpartition("/")[2] for path, _, _, _ in batch]
-        got = self._ranges([(n, start, stop) for n, (_, start, stop, _) in zip(names, batch, strict=True)])
-        self._deliver(batch, got, threads)
+    def read(self, segments: dict[str, list[fileio.ReadSegment]], blocks: dict[str, list[fileio.ReadBlock]],
+             threads: int) -> None:
+        """Every range requested at once, up to REMOTE_BATCH_BYTES in flight; each copied out as it arrives."""
+        window: collections.deque[tuple[tuple[str, int, int, list[tuple[int, Any]]], Any]] = collections.deque()
+        in_flight = 0
+        for r in self._ranges_of(segments, blocks):
+            while window and in_flight + (r[2] - r[1]) > fileio.REMOTE_BATCH_BYTES:
+                done, future = window.popleft()
+                self._deliver([done], [self._result(done[0], done[1], done[2], future)], threads)
+                in_flight -= done[2] - done[1]
+            window.append((r, self._start(r[0], r[1], r[2])))
+            in_flight += r[2] - r[1]
+        while window:
+            done, future = window.popleft()
+            self._deliver([done], [self._result(done[0], done[1], done[2], future)], threads)
+
+    def _start(self, path: str, start: int, stop: int) -> Any:
+        return self.kv.read(path.rpartition("/")[2], byte_range=slice(start, stop))
 
     def _ranges(self, ranges: list[tuple[str, int, int]]) -> list[bytes]:
-        futures = [self.kv.read(name, byte_range=slice(start, stop)) for name, start, stop in ranges]
-        out = []
-        for (name, start, stop), future in zip(ranges, futures, strict=True):
-            try:
-                result = future.result()
-            except ValueError as exc:
-                if "OUT_OF_RANGE" in str(exc) or "416" in str(exc):
-                    raise CorruptCheckpointError(
-                        f"{self.path(name)}: the object holds fewer bytes than its safetensors header describes "
-                        f"(range {start}-{stop}); it is truncated"
-                    ) from exc
-                raise StorageError(f"reading {self.path(name)} (bytes {start}-{stop}) failed: {exc}") from exc
-            if result.state != "value":
-                raise CorruptCheckpointError(f"{self.path(name)}: safetensors file missing from the checkpoint")
-            out.append(bytes(result.value))
-        return out
+        futures = [self._start(self.path(name), start, stop) for name, start, stop in ranges]
+        return [self._result(self.path(n), a, b, f) for (n, a, b), f in zip(ranges, futures, strict=True)]
+
+    @staticmethod
+    def _result(path: str, start: int, stop: int, future: Any) -> bytes:
+        try:
+            result = future.result()
+        except ValueError as exc:
+            if "OUT_OF_RANGE" in str(exc) or "416" in str(exc):
+                raise CorruptCheckpointError(
+                    f"{path}: the object holds fewer bytes than its safetensors header describes "
+                    f"(range {start}-{stop}); it is truncated"
+                ) from exc
+            raise StorageError(f"reading {path} (bytes {start}-{stop}) failed: {exc}") from exc
+        if result.state != "value":
+            raise CorruptCheckpointError(f"{path}: safetensors file missing from the checkpoint")
+        return bytes(result.value)
 
 
 def remote_reader(location: Any) -> fileio.RemoteReader:
