@@ -332,6 +332,7 @@ def cloud_workload(size_mb: int, repeats: int, root: str) -> None:
     from ckptcore_testing import servers
 
     import ckptcore
+    from ckptcore import storage
 
     gcs, s3 = servers.start_fake_gcs(), servers.start_moto()
     try:
@@ -355,6 +356,8 @@ def cloud_workload(size_mb: int, repeats: int, root: str) -> None:
                     if rep == 0 and not _same(state, restored):
                         raise SystemExit(f"{fmt} on {scheme}:// restored different data")
                     del restored
+                    where = storage.resolve(url)  # the emulators keep objects in memory: 1 GiB each
+                    where.fs.rm(where.path, recursive=True)
                     if rep:
                         times[fmt]["save"].append(saved)
                         times[fmt]["restore"].append(elapsed)
