@@ -27,11 +27,11 @@ import numpy as np
 
 from ckptcore.errors import UnsupportedLeafError
 from ckptcore.io import jax_leaves
-from ckptcore.io import leaves as arrays
+from ckptcore.io import save as saving
 from ckptcore.io.plans import PlannedWrite, PreparedSave, is_jax_value
 from ckptcore.plugins.registrations import Shard
 from ckptcore.tree.keys import KeyPath, format_key_path
-from ckptcore.tree.nodes import Node, encode_scalar, encode_tree
+from ckptcore.tree.nodes import Node, encode_tree
 
 RegionKey = tuple[tuple[int, int], ...]
 
@@ -73,23 +73,7 @@ def prepare_view(state: Any, copy_array: Callable[[np.ndarray], np.ndarray] | No
             found.append(JaxLeaf(len(writes), path, data))
             writes.append(planned)
             return planned.record
-        if isinstance(value, np.ndarray) and copy_array is not None:
-            planned_np = arrays.plan_write(path, value, copy=False)
-            if planned_np is not None:
-                shard = dataclasses.replace(planned_np.request.shards[0], data=copy_array(value))
-                planned_np.request = dataclasses.replace(planned_np.request, shards=(shard,))
-                writes.append(planned_np)
-                return planned_np.record
-        planned_other = arrays.plan_write(path, value, copy=copy_array is None)
-        if planned_other is not None:
-            writes.append(planned_other)
-            return planned_other.record
-        record = encode_scalar(path, value)
-        if record is None:
-            raise UnsupportedLeafError(
-                f"leaf {format_key_path(path)} has unsupported type {type(value).__module__}.{type(value).__qualname__}"
-            )
-        return record
+        return saving.encode_leaf_into(writes, path, value, copy=True, copy_array=copy_array)  # as a save does
 
     if sys.modules.get("jax") is not None:
         _start_host_copies(state)

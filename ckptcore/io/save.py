@@ -57,22 +57,7 @@ def prepare(
     writes: list[arrays.PlannedWrite] = []
 
     def encode_leaf(path: KeyPath, value: Any) -> Node:
-        own_copy = copy and copy_array is not None and isinstance(value, np.ndarray)
-        planned = arrays.plan_write(path, value, copy=copy and not own_copy)
-        if own_copy and planned is not None and planned.request.shards[0].data is value:
-            shard = dataclasses.replace(planned.request.shards[0], data=copy_array(value))  # type: ignore[misc]
-            planned.request = dataclasses.replace(planned.request, shards=(shard,))
-        if planned is not None:
-            writes.append(planned)
-            return planned.record
-        record = encode_scalar(path, value)
-        if record is None:
-            raise UnsupportedLeafError(
-                f"leaf {format_key_path(path)} has unsupported type {type(value).__module__}.{type(value).__qualname__}; "
-                "supported: NumPy and JAX arrays, NumPy scalars, int, float, bool, complex, str, bytes, None, "
-                "and dict/list/tuple/namedtuple containers"
-            )
-        return record
+        return encode_leaf_into(writes, path, value, copy=copy, copy_array=copy_array)
 
     if sys.modules.get("jax") is not None:  # no JAX in use: no JAX leaves, and NumPy users never import it
         from ckptcore.io import jax_leaves
@@ -81,6 +66,29 @@ def prepare(
     with gcpause.paused():  # thousands of leaves: see ckptcore.gcpause
         tree = encode_tree(state, encode_leaf)
     return PreparedSave(tree, writes)
+
+
+def encode_leaf_into(
+    writes: list[arrays.PlannedWrite], path: KeyPath, value: Any, *, copy: bool,
+    copy_array: Callable[[np.ndarray], np.ndarray] | None,
+) -> Node:
+    """The index record of one leaf; an array leaf's write is appended to ``writes`` (see :func:`prepare`)."""
+    own_copy = copy and copy_array is not None and isinstance(value, np.ndarray)
+    planned = arrays.plan_write(path, value, copy=copy and not own_copy)
+    if own_copy and planned is not None and planned.request.shards[0].data is value:
+        shard = dataclasses.replace(planned.request.shards[0], data=copy_array(value))  # type: ignore[misc]
+        planned.request = dataclasses.replace(planned.request, shards=(shard,))
+    if planned is not None:
+        writes.append(planned)
+        return planned.record
+    record = encode_scalar(path, value)
+    if record is None:
+        raise UnsupportedLeafError(
+            f"leaf {format_key_path(path)} has unsupported type {type(value).__module__}.{type(value).__qualname__}; "
+            "supported: NumPy and JAX arrays, NumPy scalars, int, float, bool, complex, str, bytes, None, "
+            "and dict/list/tuple/namedtuple containers"
+        )
+    return record
 
 
 def estimate_nbytes(state: Any) -> int:
