@@ -4,7 +4,8 @@ Save: every process's shards go to its peer with one jitted ``ppermute`` over a 
 of all devices. Each leaf's device shards, as they are (no copy, no reshape: an eager
 reshape of a large shard costs a copy inside the save's blocking time), become the blocks
 of one array of shape ``(num_devices * shard_rows, *rest)`` split over that mesh, and
-device ``k`` of process ``p`` sends its block to device ``k`` of process ``p + shift``. The call is *dispatched* in the caller's thread
+device ``k`` of process ``p`` sends its block to device ``k`` of process ``p + shift``.
+The call is *dispatched* in the caller's thread
 (so it is ordered like every other collective of the training program, on every process)
 and awaited in the background writer, which only reads the result: the local save's
 blocking time stays the snapshot.

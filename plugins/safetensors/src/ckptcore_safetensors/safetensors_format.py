@@ -42,6 +42,7 @@ DEFAULT_REMOTE_MAX_FILE_BYTES = 64 << 20
 # readahead on a cold cache. So few threads on small machines, more where cores can copy in parallel.
 DEFAULT_THREADS = min(8, max(2, os.cpu_count() or 2))
 DEFAULT_READ_THREADS = min(8, max(1, (os.cpu_count() or 2) // 2))
+REMOTE_HEADER_THREADS = 16  # an object store answers each header request after a round trip: many in flight
 DEFAULT_ALIGN = 4096
 DIRECT_RUN_BYTES = 64 << 10  # contiguous runs at least this long are read straight into the result
 ROW_BLOCK_BYTES = 8 << 20  # otherwise rows are read in blocks of this size and copied
@@ -166,8 +167,7 @@ class SafetensorsFormat:
         try:
             checked = [_checked_info(r, reader) for r in requests]
             names = sorted({f for info in checked for f, _, _ in info})
-            # An object store answers each header request after a round trip: many in flight.
-            headers = _read_headers(reader, names, threads if local is not None else max(threads, fileio.REMOTE_WRITE_THREADS))
+            headers = _read_headers(reader, names, threads if local is not None else max(threads, REMOTE_HEADER_THREADS))
             plan = _ReadPlan()
             outs: list[list[np.ndarray]] = []
             for r, entries in zip(requests, checked, strict=True):

@@ -62,13 +62,10 @@ def write_objects(kv: Any, url: str, files: Sequence[tuple[str, int, list[tuple[
 
 
 def _assemble(size: int, parts: list[tuple[int, memoryview]]) -> bytes:
-    ends = [offset + len(buf) for offset, buf in parts]
-    if parts and parts[0][0] == 0 and ends[-1] == size and all(o == e for (o, _), e in zip(parts[1:], ends, strict=False)):
-        return b"".join(buf for _, buf in parts)  # contiguous (a safetensors file has no gaps): one copy
-    body = bytearray(size)
-    for offset, buf in parts:
-        body[offset : offset + len(buf)] = buf
-    return bytes(body)
+    """The object's bytes: a safetensors file has no gaps, so its parts (in offset order) are it, joined."""
+    body = b"".join(buf for _, buf in parts)
+    assert len(body) == size, (len(body), size)
+    return body
 
 
 class TensorStoreReader(fileio.RemoteReader):
@@ -89,16 +86,20 @@ class TensorStoreReader(fileio.RemoteReader):
         """Every range requested at once, up to REMOTE_BATCH_BYTES in flight; each copied out as it arrives."""
         window: collections.deque[tuple[tuple[str, int, int, list[tuple[int, Any]]], Any]] = collections.deque()
         in_flight = 0
+
+        def deliver_oldest() -> None:
+            nonlocal in_flight
+            (path, start, stop, members), future = window.popleft()
+            self._deliver([(path, start, stop, members)], [self._result(path, start, stop, future)], threads)
+            in_flight -= stop - start
+
         for r in self._ranges_of(segments, blocks):
             while window and in_flight + (r[2] - r[1]) > fileio.REMOTE_BATCH_BYTES:
-                done, future = window.popleft()
-                self._deliver([done], [self._result(done[0], done[1], done[2], future)], threads)
-                in_flight -= done[2] - done[1]
+                deliver_oldest()
             window.append((r, self._start(r[0], r[1], r[2])))
             in_flight += r[2] - r[1]
         while window:
-            done, future = window.popleft()
-            self._deliver([done], [self._result(done[0], done[1], done[2], future)], threads)
+            deliver_oldest()
 
     def _start(self, path: str, start: int, stop: int) -> Any:
         return self.kv.read(path.rpartition("/")[2], byte_range=slice(start, stop))
