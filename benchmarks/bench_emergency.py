@@ -4,11 +4,12 @@ Per run: train ``--steps`` steps saving the local tier every step and the persis
 every ``--persistent-every``, with ``--compute-s`` seconds of (simulated) training between
 saves, as a real job has; then SIGKILL the job; resume (a) after deleting process 1's local
 directory (replica hand-over) and (b) from the persistent tier only (every local directory
-deleted), each with the page cache dropped first. Reports medians over ``--runs`` of: the blocking time of saves that write the local
-tier only, and of saves that also start a persistent save (the first save, which compiles the
-exchange, is left out of both); AsyncCheckpointer's blocking time (its snapshot) for the same
-state at the same cadence (its first save left out too); the total local save time (snapshot
-to commit, as seen by wait); restore times.
+deleted), each with the page cache dropped first. Reports medians over ``--runs`` of: the
+blocking time of saves that write the local tier only, and of saves that also start a
+persistent save (the first save, which compiles the exchange, is left out of both), with the
+exchange's dispatch apart; AsyncCheckpointer's blocking time (its snapshot) for the same state
+at the same cadence (its first save left out too); the total local save time (snapshot to
+commit, as seen by wait); restore times.
 
     python benchmarks/bench_emergency.py --total-mib 1024 --runs 3      # the issue's size
     python benchmarks/bench_emergency.py --total-mib 64 --runs 3        # quick
