@@ -28,7 +28,7 @@ from ckptcore.errors import CorruptCheckpointError
 IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024)
 LOCAL_JOB_BYTES = 64 << 20  # one system call's worth: long sequential runs, and still 16 jobs per GiB for the threads
 LOCAL_MERGE_GAP = 4 << 10  # reading a page we do not need is cheaper than another system call
-REMOTE_JOB_BYTES = 32 << 20  # one ranged GET at most: large leaves download in parallel pieces (smaller ones were slower on both emulators)
+REMOTE_JOB_BYTES = 32 << 20  # one ranged GET at most: large leaves download in parallel pieces (through fsspec, smaller ones were slower on both emulators)
 REMOTE_WRITE_THREADS = 16  # objects uploaded at once (network-bound, not CPU-bound)
 REMOTE_MERGE_GAP = 1 << 20  # neighbouring ranges closer than this become one request
 REMOTE_BATCH_BYTES = 256 << 20  # downloaded bytes held at once before they are copied into place
@@ -382,6 +382,7 @@ class RemoteReader:
     """Reads headers and data of objects with ranged requests (``cat_file`` / ``cat_ranges``)."""
 
     HEAD_BYTES = 1 << 20
+    job_bytes = REMOTE_JOB_BYTES  # the largest ranged GET
 
     def __init__(self, fs: Any, directory: str) -> None:
         self.fs = fs
@@ -428,10 +429,10 @@ class RemoteReader:
             path = self.path(name)
             segs.sort(key=lambda s: s.offset)
             for seg in segs:
-                for off, piece in _cut(seg.offset, seg.dest, REMOTE_JOB_BYTES):
+                for off, piece in _cut(seg.offset, seg.dest, self.job_bytes):
                     part = ReadSegment(off, len(piece), piece)
                     if ranges and ranges[-1][0] == path and 0 <= off - ranges[-1][2] <= REMOTE_MERGE_GAP and (
-                        off + len(piece) - ranges[-1][1] <= REMOTE_JOB_BYTES
+                        off + len(piece) - ranges[-1][1] <= self.job_bytes
                     ):
                         p, start, _, members = ranges[-1]
                         ranges[-1] = (p, start, off + len(piece), members)

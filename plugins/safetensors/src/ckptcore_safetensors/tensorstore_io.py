@@ -19,7 +19,14 @@ from typing import Any
 from ckptcore.errors import CorruptCheckpointError, StorageError
 from ckptcore_safetensors import fileio
 
-UPLOAD_BYTES_IN_FLIGHT = 256 << 20  # each object is assembled in memory before its upload
+# Each object is assembled in memory before its upload. With 256 MiB (4 objects of 64 MiB at
+# once) moto_server sat idle between uploads: 1 GiB saved to s3:// in 4.2-4.9 s, against
+# 2.8-3.1 s with 512 MiB or more in flight (fake-gcs-server: 2.1-3.7 s against 2.0-2.1 s).
+UPLOAD_BYTES_IN_FLIGHT = 512 << 20
+# The largest ranged GET through TensorStore. 1 GiB restored from fake-gcs-server in 16 MiB
+# GETs took 0.7-1.1 s, in 32 MiB GETs 1.5-2.4 s, in 8 MiB GETs 0.6-3.1 s; moto_server was
+# no slower in 16 MiB than in 32 MiB GETs (3.6-3.9 s against 3.2-5.3 s).
+JOB_BYTES = 16 << 20
 
 
 def open_kvstore(location: Any) -> Any | None:
@@ -70,6 +77,8 @@ def _assemble(size: int, parts: list[tuple[int, memoryview]]) -> bytes:
 
 class TensorStoreReader(fileio.RemoteReader):
     """:class:`~ckptcore_safetensors.fileio.RemoteReader` whose ranged reads go through a TensorStore kvstore."""
+
+    job_bytes = JOB_BYTES
 
     def __init__(self, fs: Any, directory: str, kv: Any) -> None:
         super().__init__(fs, directory)
