@@ -242,6 +242,20 @@ def _export_pieces(opened: OpenedCheckpoint, readers: Mapping[str, tuple[ArrayFo
         del data
 
 
+def _read_ahead(
+    opened: OpenedCheckpoint, readers: Mapping[str, tuple[ArrayFormatRegistration, Any]], batches: list[list[_Piece]]
+) -> Generator[tuple[int, list[_Piece], list[np.ndarray]], None, None]:
+    """``(k, batch, data)`` for every batch, batch ``k+1`` read in a thread while the caller handles batch ``k``."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptcore-convert-read") as pool:
+        pending = pool.submit(_read_batch, opened, readers, batches[0]) if batches else None
+        for k, batch in enumerate(batches):
+            assert pending is not None
+            data = pending.result()
+            pending = pool.submit(_read_batch, opened, readers, batches[k + 1]) if k + 1 < len(batches) else None
+            yield k, batch, data
+            del data  # the caller is done with it: only the batch being read stays in memory
+
+
 def _plan(opened: OpenedCheckpoint) -> tuple[list[_Leaf], Node]:
     """The array leaves to convert, and the new tree (a copy whose array records are rewritten)."""
     tree = copy.deepcopy(opened.doc["tree"])
@@ -465,17 +479,3 @@ def _finish_records(leaves: list[_Leaf], format_name: str) -> None:
 
 
 __all__ = ["ConvertReport", "convert"]
-
-
-def _read_ahead(
-    opened: OpenedCheckpoint, readers: Mapping[str, tuple[ArrayFormatRegistration, Any]], batches: list[list[_Piece]]
-) -> Generator[tuple[int, list[_Piece], list[np.ndarray]], None, None]:
-    """``(k, batch, data)`` for every batch, batch ``k+1`` read in a thread while the caller handles batch ``k``."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptcore-convert-read") as pool:
-        pending = pool.submit(_read_batch, opened, readers, batches[0]) if batches else None
-        for k, batch in enumerate(batches):
-            assert pending is not None
-            data = pending.result()
-            pending = pool.submit(_read_batch, opened, readers, batches[k + 1]) if k + 1 < len(batches) else None
-            yield k, batch, data
-            del data  # the caller is done with it: only the batch being read stays in memory
