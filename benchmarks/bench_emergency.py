@@ -6,8 +6,7 @@ saves, as a real job has; then SIGKILL the job; resume (a) after deleting proces
 directory (replica hand-over) and (b) from the persistent tier only (every local directory
 deleted), each with the page cache dropped first. Reports medians over ``--runs`` of: the
 blocking time of saves that write the local tier only, and of saves that also start a
-persistent save (the first save, which compiles the exchange, is left out of both), with the
-exchange's dispatch apart; AsyncCheckpointer's blocking time (its snapshot) for the same state
+persistent save (the first save is left out of both); AsyncCheckpointer's blocking time (its snapshot) for the same state
 at the same cadence (its first save left out too); the total local save time (snapshot to
 commit, as seen by wait); restore times.
 
@@ -67,7 +66,6 @@ def main() -> None:
                                            if i > 0 and (i + 1) % every)
             both = [x for r in train for i, x in enumerate(r["save_blocking_s"]) if i > 0 and (i + 1) % every == 0]
             async_snap = statistics.median(x for r in train for x in r["async_snapshot_s"][1:])
-            dispatch = statistics.median(x for r in train for x in r["exchange_dispatch_s"][1:]) if args.replicas else 0.0
             local_total = statistics.median(r["local_total_s"] for r in train)
             shutil.rmtree(tmp / "local1")
             drop_page_cache()  # both resumes read from disk, as after a restart
@@ -85,7 +83,6 @@ def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         row = {"local_blocking_s": local_only,
                "local_and_persistent_blocking_s": statistics.median(both) if both else float("nan"),
-               "of_which_exchange_dispatch_s": dispatch,
                "async_snapshot_s": async_snap, "local_total_s": local_total,
                "resume_lost_one_local_s": replica, "resume_persistent_only_s": persistent_s}
         print(json.dumps({"run": run, **row}), flush=True)
@@ -96,8 +93,12 @@ def main() -> None:
     print("| figure | seconds |\n|---|---|")
     for key in rows_out[0]:
         values = [r[key] for r in rows_out]
-        print(f"| {key} | {statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f}) |")
+        print(f"| {key} | {_ms(statistics.median(values))} ({_ms(min(values))}-{_ms(max(values))}) |")
     print("GPU: no GPU was available for this run; the 4 GiB GPU figure was not measured.")
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms" if seconds < 1 else f"{seconds:.3f} s"
 
 
 if __name__ == "__main__":

@@ -156,48 +156,32 @@ class LocalTier:
 
     # -- handing a view over -------------------------------------------------------------
 
-    def pack(self, entry: LocalStep, process: int) -> bytes:
-        """The files of the view of ``process`` in ``entry``, as one blob (see :meth:`unpack`)."""
-        item = self.root.child(entry.name).child(entry.items[process])
+    def view_files(self, entry: LocalStep, process: int) -> list[tuple[str, bytes]]:
+        """The files (path inside the item, bytes) of the view of ``process`` in ``entry`` (see :meth:`adopt`)."""
+        item = self.root.child(entry.name).child(check_item(entry, process))
         fs, base = item.fs, item.path.rstrip("/")
         try:
             paths = sorted(p for p in fs.find(base) if not fs.isdir(p))
-            files = [(p[len(base) + 1 :], fs.cat_file(p)) for p in paths]
+            return [(p[len(base) + 1 :], fs.cat_file(p)) for p in paths]
         except OSError as exc:
             raise StorageError(f"process {self.process} could not read its replica of process {process} at {item.url}: "
                                f"{exc}") from exc
-        header = json.dumps({"fingerprint": entry.views[process], "files": [[n, len(d)] for n, d in files]}).encode()
-        return b"".join([len(header).to_bytes(8, "little"), header, *(d for _, d in files)])
 
-    def unpack(self, step: int, blob: bytes, source: int) -> None:
-        """Commit ``step`` here from a view's files that process ``source`` sent (its replica of this process)."""
-        try:
-            size = int.from_bytes(blob[:8], "little")
-            header = json.loads(blob[8 : 8 + size])
-            files = [(str(n), int(length)) for n, length in header["files"]]
-            fingerprint = str(header["fingerprint"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CorruptCheckpointError(
-                f"the replica of process {self.process} at step {step} sent by process {source} is damaged: {exc}"
-            ) from exc
+    def adopt(self, step: int, files: Mapping[str, Any], fingerprint: str, source: int) -> None:
+        """Commit ``step`` here from the files of this process's view that process ``source`` kept and sent."""
         final = self.root.child(self.step_name(step))
         transaction = saving.Transaction(self.strategy, LOCAL.operation("save"), LOCAL)
         staging = transaction.begin(final)
         with saving.aborted_on_failure(transaction, staging, f"local step {step} of process {self.process}"):
             item = staging.child(OWN_ITEM)
-            offset, total = 8 + size, 0
-            for name, length in files:
-                if name.startswith("/") or ".." in name.split("/"):
+            total = 0
+            for name, data in files.items():
+                if not name or name.startswith("/") or ".." in name.split("/"):
                     raise CorruptCheckpointError(f"the replica sent by process {source} names a file outside it: {name}")
                 path = f"{item.path.rstrip('/')}/{name}"
                 item.fs.makedirs(path.rpartition("/")[0], exist_ok=True)
-                item.fs.pipe_file(path, blob[offset : offset + length])
-                offset += length
-                total += length
-            if offset != len(blob):
-                raise CorruptCheckpointError(
-                    f"the replica of process {self.process} at step {step} sent by process {source} is truncated"
-                )
+                item.fs.pipe_file(path, memoryview(data))
+                total += len(memoryview(data))
             self._finish(staging, step, {OWN_ITEM: {"kind": "pytree"}},
                          {self.process: {"item": OWN_ITEM, "fingerprint": fingerprint}})
             transaction.commit(staging, final, replace=True)

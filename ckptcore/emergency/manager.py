@@ -3,11 +3,13 @@
 Saving (every process, the same calls, like any collective):
 
 * local tier, every ``local_every`` steps: each process snapshots its *view* (the regions
-  its devices hold, see :mod:`ckptcore.emergency.views`), dispatches the JAX permute that
-  sends its shards to its ``replicas`` peers (:mod:`ckptcore.emergency.exchange`) and
-  returns; a background writer then commits one local step holding its own view and the
-  views it keeps for its peers (:mod:`ckptcore.emergency.local_tier`), with no other
-  process taking part, and applies the local retention;
+  its devices hold, see :mod:`ckptcore.emergency.views`) and returns; its background writer
+  then sends the regions its ``replicas`` peers lack to them over the replica channel
+  (:mod:`ckptcore.emergency.channel`), takes the regions its own predecessors sent, and
+  commits one local step holding its own view and the views it keeps for its peers
+  (:mod:`ckptcore.emergency.local_tier`), with no other process taking part, and applies the
+  local retention. A replica that does not arrive within ``Options.replica_timeout`` is left
+  out of that step (logged): the step still holds the process's own view;
 * persistent tier, every ``persistent_every`` steps: an ordinary
   :class:`ckptcore.CheckpointManager` (collective, asynchronous, with its own engine), so
   neither tier waits for the other.
@@ -16,7 +18,7 @@ Resuming: :meth:`CheckpointManager.latest_step` gathers every process's list of 
 local steps (this run, this job size, this process) and the primary picks the newest step
 whose every process's view is held somewhere (by itself, else by a peer), compared with the
 newest persistent step; every process gets the same answer. :meth:`restore` then hands each
-missing view over from the peer holding it (through JAX; the others read nothing twice),
+missing view over from the peer holding it (over the channel; the others read nothing twice),
 checks that the target has the saved mesh and process layout, and has every process read
 its own view locally. Any failure there (a replica failing its checksums...) is agreed on,
 and the step comes from the persistent tier if it holds it, else an
@@ -29,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from typing import Any
@@ -36,7 +39,8 @@ from typing import Any
 from ckptcore import storage
 from ckptcore.checkpointers import background
 from ckptcore.checkpointers.engine import AsyncSaveEngine
-from ckptcore.emergency import exchange, views
+from ckptcore.emergency import views
+from ckptcore.emergency.channel import Channel, ChannelError, allgather, open_channel
 from ckptcore.emergency.local_tier import OWN_ITEM, LocalStep, LocalTier, replica_item
 from ckptcore.emergency.options import EmergencyRestoreError, Options, RestoreInfo
 from ckptcore.errors import (
@@ -83,6 +87,10 @@ class CheckpointManager:
         self._local = LocalTier(str(local_directory), process=self._me, processes=self._size, run_id=run_id,
                                 storage_options=None)
         self._run_id = run_id
+        self._channel: Channel | None = (
+            open_channel(self._coordinator, self._name, self._options.replica_address) if self._replicas else None
+        )
+        self._saves = self._restores = 0  # collective calls: the n-th is the n-th on every process
         self._engine = AsyncSaveEngine("ckptcore-emergency-local", timeout=self._options.save_timeout)
         self._restored_step: int | None = None
         self._closed = False
@@ -150,13 +158,13 @@ class CheckpointManager:
         self._engine.raise_errors()
         self._engine.make_room(0)  # one local step in flight
         self._engine.raise_errors()
-        (view, dispatched), snap = self._engine.snapshot(lambda copy: self._take(state, copy))
+        view, snap = self._engine.snapshot(lambda copy: views.prepare_view(state, copy, self._size))
+        self._saves += 1
+        seq = self._saves
 
         def write() -> None:
             held: dict[int, tuple[str, PreparedSave]] = {self._me: (OWN_ITEM, view.prepared)}
-            for source, chosen, results in dispatched:
-                held[source] = (replica_item(source), views.peer_view(view, source, self._rows(view, source, chosen,
-                                                                                                 results)))
+            held.update(self._exchange_replicas(view, step, seq))
             self._local.write(step, held, fingerprint=view.fingerprint, format=self._options.array_format,
                               before_commit=background.check_deadline)
             self._apply_local_retention(step)
@@ -164,30 +172,49 @@ class CheckpointManager:
         self._engine.submit(write, snap, nbytes=view.prepared.nbytes, key=self._local.root.url,
                             description=f"local step {step} of process {self._me}")
 
-    def _take(self, state: Any, copy: Any) -> tuple[views.View, list[tuple[int, list[int], list[Any]]]]:
-        view = views.prepare_view(state, copy, self._size)
-        dispatched = []
-        for shift in range(1, self._replicas + 1):
-            # The same leaves on every process: those some holder lacks a region of.
-            chosen = [
-                j for j, leaf in enumerate(view.jax_leaves)
-                if any(views.needs_exchange(leaf, p, (p + shift) % self._size) for p in range(self._size))
-            ]
-            results = exchange.dispatch_to_peers([view.jax_leaves[j].value for j in chosen], shift)
-            dispatched.append(((self._me - shift) % self._size, chosen, results))
-        return view, dispatched
+    def _exchange_replicas(self, view: views.View, step: int, seq: int) -> dict[int, tuple[str, PreparedSave]]:
+        """In the background: send this view's regions to the peers keeping them; the views kept here."""
+        channel = self._channel
+        if channel is None:
+            return {}
+        timeout = self._options.replica_timeout
+        unsent: list[str] = []
 
-    def _rows(self, view: views.View, source: int, chosen: list[int], results: list[Any]) -> dict[int, dict[Any, Any]]:
-        devices = exchange.devices_by_process()[source]
-        rows: dict[int, dict[Any, Any]] = {}
-        for j, result in zip(chosen, results, strict=True):
-            leaf = view.jax_leaves[j]
-            rows[leaf.write] = {
-                views._key(index): exchange.received_row(result, devices.index(device),
-                                                         tuple(s.stop - s.start for s in index))
-                for index, device in views.process_regions(leaf.value, source)
-            }
-        return rows
+        def send() -> None:
+            for shift in range(1, self._replicas + 1):
+                holder = (self._me + shift) % self._size
+                try:
+                    channel.send(holder, "replica", seq, step, views.replica_parts(view, holder),
+                                 meta={"fingerprint": view.fingerprint}, timeout=timeout)
+                except ChannelError as exc:
+                    unsent.append(str(exc))
+
+        sender = threading.Thread(target=send, name=f"ckptcore-replicas-{self._me}-out", daemon=True)
+        sender.start()
+        held: dict[int, tuple[str, PreparedSave]] = {}
+        for shift in range(1, self._replicas + 1):
+            source = (self._me - shift) % self._size
+            why = ""
+            message = channel.receive("replica", seq, source, timeout)
+            if message is None:
+                why = f"it did not arrive within {timeout} s"
+            elif message.step != step or message.meta.get("fingerprint") != view.fingerprint:
+                why = f"it is of step {message.step} on another mesh or process layout"
+            else:
+                try:
+                    held[source] = (replica_item(source), views.peer_view(view, source,
+                                                                          views.replica_rows(view, message.parts)))
+                except (ValueError, TypeError, CheckpointError) as exc:
+                    why = f"it is damaged ({exc})"
+            if why:
+                log.warning("local step %d of process %d is saved without its replica of process %d: %s",
+                            step, self._me, source, why)
+        sender.join()
+        channel.discard("replica", seq)
+        for problem in unsent:
+            log.warning("local step %d: %s; that peer saves step %d without this process's replica",
+                        step, problem, step)
+        return held
 
     def _apply_local_retention(self, just_saved: int) -> None:
         steps = sorted(self._local.steps())
@@ -292,7 +319,7 @@ class CheckpointManager:
             fp = views.target_fingerprint(target, self._size) if target is not None else None
             if target is None and expected == views.digest([], self._size):
                 fp = expected  # no jax.Array leaves: nothing depends on the mesh
-            same = exchange.allgather(op, "mesh", fp == expected)
+            same = allgather(op, "mesh", fp == expected)
             if not all(same):
                 differ = [p for p, ok in enumerate(same) if not ok]
                 tier = "persistent"
@@ -326,21 +353,11 @@ class CheckpointManager:
         me = self._me
         problem = ""
         entries = self._local.steps()
+        self._restores += 1
         for p, q in sorted(sources.items()):
-            if p == q:
-                continue
-            payload = None
-            if me == q:
-                try:
-                    payload = self._local.pack(entries[step], p)
-                except (CheckpointError, KeyError) as exc:
-                    problem = f"process {q} could not read its replica of process {p} at step {step}: {exc}"
-            try:
-                blob = exchange.send_bytes(op, f"handover/{p}", q, p, payload)
-                if me == p and blob is not None:
-                    self._local.unpack(step, blob, q)
-            except CheckpointError as exc:
-                problem = problem or f"process {p} did not get its replica from process {q} at step {step}: {exc}"
+            if p != q and me in (p, q):  # always: the other end waits for this one
+                why = self._hand_over(entries, step, p, q)
+                problem = problem or why
         result = None
         if not problem:
             try:
@@ -355,8 +372,39 @@ class CheckpointManager:
                 problem = f"process {me}, step {step}, from {where}: {type(exc).__name__}: {exc}"
                 self._local.delete(step)  # never reported again
                 log.warning("emergency restore: %s; the local copy is dropped", problem)
-        failures = [p for p in exchange.allgather(op, "outcome", problem) if p]
+        failures = [p for p in allgather(op, "outcome", problem) if p]
         return result, failures
+
+    def _hand_over(self, entries: dict[int, LocalStep], step: int, p: int, q: int) -> str:
+        """Process ``q`` sends the view of ``p`` it keeps; ``p`` commits it locally. What went wrong, or ""."""
+        channel, timeout, seq = self._channel, self._options.replica_timeout, self._restores
+        if channel is None:
+            return f"process {p} needs its replica from process {q} at step {step}, but this job keeps no replicas"
+        if self._me == q:
+            files: list[tuple[str, bytes]] = []
+            error = ""
+            try:
+                entry = entries[step]
+                files = self._local.view_files(entry, p)
+                fingerprint = entry.views[p]
+            except (CheckpointError, KeyError) as exc:
+                fingerprint, error = "", f"process {q} could not read its replica of process {p} at step {step}: {exc}"
+            try:
+                channel.send(p, "handover", seq, step, files, meta={"fingerprint": fingerprint, "error": error},
+                             timeout=timeout)
+            except ChannelError as exc:
+                error = error or str(exc)
+            return error
+        message = channel.receive("handover", seq, q, timeout)
+        if message is None or message.step != step:
+            return f"process {p} did not get its replica from process {q} at step {step} within {timeout} s"
+        if message.meta.get("error"):
+            return f"process {p} did not get its replica from process {q}: {message.meta['error']}"
+        try:
+            self._local.adopt(step, message.parts, str(message.meta.get("fingerprint", "")), q)
+        except CheckpointError as exc:
+            return f"process {p} could not keep the replica process {q} sent at step {step}: {exc}"
+        return ""
 
     def _restore_persistent(self, step: int, target: Any) -> Any:
         if self._persistent is None:
@@ -392,6 +440,8 @@ class CheckpointManager:
         try:
             self._engine.close()
         finally:
+            if self._channel is not None:
+                self._channel.close()
             if self._persistent is not None:
                 self._persistent.close()
 

@@ -31,6 +31,11 @@ class Options:
     :param persistent_options: extra :class:`ckptcore.CheckpointManagerOptions` fields for
         the persistent tier (e.g. ``{"keep_period": 10000}``).
     :param storage_options: storage options of the persistent tier (``endpoint``, ``retries``...).
+    :param replica_timeout: seconds a background write waits for a peer's replica (a local
+        step is then saved without it, logged) and a restore waits for a handed-over view.
+    :param replica_address: the address this process's replica channel listens on, which its
+        peers must reach (default: this host's address on the route to the ``jax.distributed``
+        coordinator).
     """
 
     local_every: int = 10
@@ -43,6 +48,8 @@ class Options:
     array_format: str | None = None
     persistent_options: Mapping[str, Any] = field(default_factory=dict)
     storage_options: Mapping[str, Any] | None = None
+    replica_timeout: float = 300.0
+    replica_address: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("local_every", "persistent_every", "local_max_to_keep"):
@@ -51,6 +58,10 @@ class Options:
                 raise InvalidOptionError(f"emergency Options.{name} must be a positive integer, not {value!r}")
         if not isinstance(self.replicas, int) or self.replicas < 0:
             raise InvalidOptionError(f"emergency Options.replicas must be a non-negative integer, not {self.replicas!r}")
+        if not isinstance(self.replica_timeout, int | float) or not self.replica_timeout > 0:
+            raise InvalidOptionError(
+                f"emergency Options.replica_timeout must be a positive number of seconds, not {self.replica_timeout!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ other process). NumPy leaves, scalars and process-local arrays are stored whole,
 every process holds them.
 
 A peer's view is the same checkpoint for another process: the records (shape, dtype,
-logical sharding) are the same, the shards are the peer's regions, received through JAX
-(:mod:`ckptcore.emergency.exchange`). The *fingerprint* of a state names its tree, shapes,
+logical sharding) are the same, the shards are the peer's regions, received over the replica
+channel (:mod:`ckptcore.emergency.channel`) as the parts :func:`replica_parts` names. The *fingerprint* of a state names its tree, shapes,
 dtypes and which process holds which region: two saves with equal fingerprints were made
 on the same mesh and process layout, so a view of one restores onto the other.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy as copying
 import dataclasses
+import functools
 import hashlib
 import json
 import sys
@@ -58,15 +59,15 @@ def prepare_view(state: Any, copy_array: Callable[[np.ndarray], np.ndarray] | No
     """Snapshot ``state`` as this process's view (``copy_array``: the copy of a NumPy leaf)."""
     writes: list[PlannedWrite] = []
     found: list[JaxLeaf] = []
-    shape_of: list[Any] = []
+    signature: list[tuple[KeyPath, tuple[int, ...], str, Any]] = []
 
     def encode_leaf(path: KeyPath, value: Any) -> Node:
         if is_jax_value(value) and hasattr(type(value), "addressable_shards"):
             import jax
 
-            planned = jax_leaves.plan_write(path, value, copy=False)
+            planned = jax_leaves.plan_write(path, value, copy=False, shards=False)
             data = jax.random.key_data(value) if planned.record["kind"] == jax_leaves.KIND_PRNG_KEY else value
-            shape_of.append((format_key_path(path), list(value.shape), str(value.dtype), regions_by_process(value)))
+            signature.append((path, tuple(int(n) for n in value.shape), str(value.dtype), value.sharding))
             if not data.is_fully_addressable:
                 shards = tuple(Shard(index, np.asarray(d)) for index, d in own_regions(data))
                 planned.request = dataclasses.replace(planned.request, shards=shards)
@@ -78,7 +79,18 @@ def prepare_view(state: Any, copy_array: Callable[[np.ndarray], np.ndarray] | No
     if sys.modules.get("jax") is not None:
         _start_host_copies(state)
     tree = encode_tree(state, encode_leaf)
-    return View(PreparedSave(tree, writes), found, digest(shape_of, processes))
+    return View(PreparedSave(tree, writes), found, _fingerprint(tuple(signature), processes))
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint(signature: tuple[tuple[KeyPath, tuple[int, ...], str, Any], ...], processes: int) -> str:
+    """:func:`digest` of a state's jax leaves (path, shape, dtype, sharding): the same each save, so kept.
+
+    A save blocks while its view is prepared, and computing the regions of every device is
+    most of that; a training run saves the same shapes and shardings every time.
+    """
+    return digest([(format_key_path(path), list(shape), dtype, _regions_by_process(sharding, shape))
+                   for path, shape, dtype, sharding in signature], processes)
 
 
 def target_fingerprint(target: Any, processes: int) -> str | None:
@@ -114,10 +126,6 @@ def digest(shape_of: list[Any], processes: int) -> str:
     """The fingerprint of a state whose jax leaves are ``shape_of`` (path, shape, dtype, regions by process)."""
     text = json.dumps([processes, shape_of], separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def regions_by_process(value: Any) -> dict[str, list[list[list[int]]]]:
-    return _regions_by_process(value.sharding, tuple(int(n) for n in value.shape))
 
 
 def _regions_by_process(sharding: Any, shape: tuple[int, ...]) -> dict[str, list[list[list[int]]]]:
@@ -186,12 +194,38 @@ def peer_view(view: View, source: int, rows: dict[int, dict[RegionKey, np.ndarra
     return PreparedSave(tree, writes)
 
 
-def needs_exchange(leaf: JaxLeaf, source: int, holder: int) -> bool:
-    """Whether ``holder`` lacks some region of ``source``'s part of this leaf."""
-    if leaf.value.is_fully_addressable:
-        return False
-    held = {_key(index) for index, _ in process_regions(leaf.value, holder)}
-    return any(_key(index) not in held for index, _ in process_regions(leaf.value, source))
+def replica_parts(view: View, holder: int) -> list[tuple[str, np.ndarray]]:
+    """The regions of this process's view that process ``holder`` lacks, each named for :func:`replica_rows`."""
+    parts = []
+    for leaf in view.jax_leaves:
+        if leaf.value.is_fully_addressable:
+            continue
+        held = {_key(index) for index, _ in process_regions(leaf.value, holder)}
+        for shard in view.prepared.writes[leaf.write].request.shards:
+            if _key(shard.index) not in held:
+                parts.append((json.dumps([leaf.write, _key(shard.index)]), shard.data))
+    return parts
+
+
+def replica_rows(view: View, parts: dict[str, np.ndarray]) -> dict[int, dict[RegionKey, np.ndarray]]:
+    """The regions a peer sent (:func:`replica_parts` of its view), as :func:`peer_view` takes them.
+
+    Raises ``ValueError`` for a part that names no region of a leaf of this view or has the wrong size.
+    """
+    by_write = {leaf.write: leaf for leaf in view.jax_leaves}
+    rows: dict[int, dict[RegionKey, np.ndarray]] = {}
+    for name, buffer in parts.items():
+        write, raw = json.loads(name)
+        leaf = by_write.get(write)
+        if leaf is None or len(raw) != len(leaf.value.shape):
+            raise ValueError(f"a part named {name!r} is no region of a jax.Array of this state")
+        key: RegionKey = tuple((int(a), int(b)) for a, b in raw)
+        shape = tuple(b - a for a, b in key)
+        dtype = np.dtype(leaf.value.dtype)
+        if any(n < 0 for n in shape) or buffer.nbytes != int(np.prod(shape)) * dtype.itemsize:
+            raise ValueError(f"the part {name!r} holds {buffer.nbytes} bytes, not a {shape} {dtype} region")
+        rows.setdefault(write, {})[key] = buffer.view(dtype).reshape(shape)
+    return rows
 
 
 def _start_host_copies(state: Any) -> None:

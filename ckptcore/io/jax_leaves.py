@@ -70,11 +70,12 @@ RegionKey = tuple[tuple[int, int], ...]
 # -- save --------------------------------------------------------------------------------
 
 
-def plan_write(path: KeyPath, value: Any, *, copy: bool) -> arrays.PlannedWrite:
+def plan_write(path: KeyPath, value: Any, *, copy: bool, shards: bool = True) -> arrays.PlannedWrite:
     """The write of one JAX leaf: this process's distinct replica-0 shards.
 
     ``copy`` is not needed: jax arrays are immutable, and the host views taken here keep
-    their buffers alive (a donation then copies instead of reusing them).
+    their buffers alive (a donation then copies instead of reusing them). ``shards=False``
+    leaves a sharded leaf's shards to the caller (the emergency tier's views choose their own).
     """
     import jax
 
@@ -94,12 +95,14 @@ def plan_write(path: KeyPath, value: Any, *, copy: bool) -> arrays.PlannedWrite:
         "kind": kind, "shape": list(shape), "dtype": dtype_name(dtype), "nbytes": int(nbytes),
         "sharding": sharding_record(value.sharding), **extra,
     }
+    hint = None
     if value.is_fully_addressable and nbytes <= SMALL_GATHER_BYTES:
-        shards: tuple[Shard, ...] = (Shard(arrays.full_index(shape), np.asarray(value)),)
-        hint = None
+        own: tuple[Shard, ...] = (Shard(arrays.full_index(shape), np.asarray(value)),)
+    elif shards or value.is_fully_addressable:
+        own, hint = _own_shards(value, shape, dtype.itemsize, storage_key(path))
     else:
-        shards, hint = _own_shards(value, shape, dtype.itemsize, storage_key(path))
-    request = WriteRequest(key=storage_key(path), shape=shape, dtype=dtype, shards=shards, chunk_hint=hint)
+        own = ()
+    request = WriteRequest(key=storage_key(path), shape=shape, dtype=dtype, shards=own, chunk_hint=hint)
     return arrays.PlannedWrite(path, record, request)
 
 
