@@ -76,7 +76,7 @@ def prepare_view(state: Any, copy_array: Callable[[np.ndarray], np.ndarray] | No
             return planned.record
         return saving.encode_leaf_into(writes, path, value, copy=True, copy_array=copy_array)  # as a save does
 
-    if sys.modules.get("jax") is not None:
+    if sys.modules.get("jax") is not None and not _cpu_only():
         _start_host_copies(state)
     tree = encode_tree(state, encode_leaf)
     return View(PreparedSave(tree, writes), found, _fingerprint(tuple(signature), processes))
@@ -226,6 +226,14 @@ def replica_rows(view: View, parts: dict[str, np.ndarray]) -> dict[int, dict[Reg
             raise ValueError(f"the part {name!r} holds {buffer.nbytes} bytes, not a {shape} {dtype} region")
         rows.setdefault(write, {})[key] = buffer.view(dtype).reshape(shape)
     return rows
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_only() -> bool:
+    """Whether every device of this process is a CPU: then no shard needs a copy to the host."""
+    import jax
+
+    return all(d.platform == "cpu" for d in jax.local_devices())
 
 
 def _start_host_copies(state: Any) -> None:
