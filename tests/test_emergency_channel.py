@@ -112,6 +112,26 @@ def test_an_unreachable_peer_is_a_channel_error_naming_it(pair: Any) -> None:
         a.send(1, "replica", 1, 5, [("w", b"x")], timeout=5)
 
 
+def test_a_silent_connection_is_dropped_after_the_idle_timeout(caplog: Any) -> None:
+    quiet = Channel(1, TOKEN, idle_timeout=0.2)
+    try:
+        with caplog.at_level(logging.WARNING, logger="ckptcore.emergency"), \
+                socket.create_connection(quiet.address, timeout=5) as sock:
+            sock.sendall((10).to_bytes(8, "little") + b"{")  # then nothing more
+            sock.settimeout(5)
+            try:
+                reply = sock.recv(1)  # the channel hangs up
+            except OSError:
+                reply = b""
+        assert reply == b""
+        deadline = time.monotonic() + 5
+        while "timed out" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "dropped a connection" in caplog.text and "timed out" in caplog.text
+    finally:
+        quiet.close()
+
+
 def test_the_acknowledgement_comes_after_the_whole_message(pair: Any) -> None:
     _, b = pair
     header = {"token": TOKEN, "kind": "handover", "seq": 1, "source": 0, "step": 5, "parts": [["f", 3]]}

@@ -65,9 +65,10 @@ class Message:
 class Channel:
     """This process's end: a listening socket, its peers' addresses, and the messages received."""
 
-    def __init__(self, process: int, token: str, host: str = "127.0.0.1") -> None:
+    def __init__(self, process: int, token: str, host: str = "127.0.0.1", *, idle_timeout: float = 300.0) -> None:
         self.process = process
         self._token = token
+        self._idle_timeout = idle_timeout  # a connection silent this long is dropped (its thread freed)
         self._server = socket.create_server((host, 0))
         self.address: tuple[str, int] = (host, int(self._server.getsockname()[1]))
         self.peers: list[tuple[str, int]] = []
@@ -143,6 +144,7 @@ class Channel:
     def _serve(self, sock: socket.socket, peer: Any) -> None:
         with sock:
             try:
+                sock.settimeout(self._idle_timeout)
                 message = self._read(sock)
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.warning("process %d: dropped a connection from %s on the replica channel: %s",
@@ -194,10 +196,10 @@ def _into(sock: socket.socket, view: memoryview) -> None:
         view = view[got:]
 
 
-def open_channel(coordinator: Coordinator, name: str, host: str | None) -> Channel:
+def open_channel(coordinator: Coordinator, name: str, host: str | None, timeout: float) -> Channel:
     """Every process's channel, each knowing the others' addresses (a collective call)."""
     token = coordinator.agree(f"{name}:channel-token", lambda: secrets.token_hex(32))
-    channel = Channel(coordinator.process, token, host or reachable_host())
+    channel = Channel(coordinator.process, token, host or reachable_host(), idle_timeout=timeout)
     op = coordinator.operation(f"{name}:channel", "the replica channel's addresses")
     channel.peers = [(str(h), int(p)) for h, p in allgather(op, "address", list(channel.address))]
     return channel

@@ -88,7 +88,8 @@ class CheckpointManager:
                                 storage_options=None)
         self._run_id = run_id
         self._channel: Channel | None = (
-            open_channel(self._coordinator, self._name, self._options.replica_address) if self._replicas else None
+            open_channel(self._coordinator, self._name, self._options.replica_address,
+                         self._options.replica_timeout) if self._replicas else None
         )
         self._saves = self._restores = 0  # collective calls: the n-th is the n-th on every process
         self._engine = AsyncSaveEngine("ckptcore-emergency-local", timeout=self._options.save_timeout)
