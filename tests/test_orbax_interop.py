@@ -181,6 +181,30 @@ def test_resharding_reads_only_the_regions_each_device_needs(tmp_path, monkeypat
     assert {tuple(s.stop - s.start for s in r) for r in request.regions} == {(512, 128)}
 
 
+def test_regions_are_read_into_buffers_jax_cpu_devices_adopt(tmp_path, monkeypatch):
+    from ckptcore_orbax import arrays as orbax_arrays
+
+    big = np.arange(1024 * 512, dtype=np.float32).reshape(1024, 512)
+    with ocp.StandardCheckpointer() as ck:
+        ck.save(tmp_path / "big", {"w": sharded(big, mesh((4, 2), ("x", "y")), P("x", "y"))})
+    results: list[Any] = []
+    original = orbax_arrays.OrbaxArrays.read
+
+    def spy(self, location, requests, options):
+        out = original(self, location, requests, options)
+        results.extend(a for arrays in out for a in arrays)
+        return out
+
+    monkeypatch.setattr(orbax_arrays.OrbaxArrays, "read", spy)
+    target = {"w": jax.ShapeDtypeStruct(big.shape, jnp.float32,
+                                        sharding=NamedSharding(mesh((4, 2), ("x", "y")), P("x", "y")))}
+    back = ckptcore.restore(tmp_path / "big", target=target)
+    np.testing.assert_array_equal(np.asarray(back["w"]), big)
+    assert len(results) == 8
+    # 64-byte aligned and C-contiguous: a CPU device adopts each as it is, no second copy
+    assert all(a.ctypes.data % 64 == 0 and a.flags.c_contiguous for a in results)
+
+
 def test_metadata_from_orbax_metadata_alone(written):
     meta = ckptcore.metadata(written["pytree_ocdbt"])
     assert meta["w"].shape == (8, 16) and meta["w"].dtype == np.float32

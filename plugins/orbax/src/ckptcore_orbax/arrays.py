@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import tensorstore as ts
+from ckptcore_zarr3.buffers import read_region
 from ckptcore_zarr3.kvstore import kvstore_spec
 
 from ckptcore.errors import CorruptCheckpointError
@@ -108,12 +109,14 @@ class OrbaxArrays:
                     f"the orbax array {request.info['param']!r} at {location.url} has shape {tuple(store.shape)}, "
                     f"its metadata said {tuple(request.shape)}; the checkpoint is damaged"
                 )
-            pending.append([store[region].read() if region else store.read() for region in request.regions])
+            # Into aligned NumPy buffers: JAX's CPU devices adopt them without another copy.
+            pending.append([read_region(store[region] if region else store) for region in request.regions])
         out = []
         for request, futures in zip(requests, pending, strict=True):
             arrays = []
-            for region, f in zip(request.regions, futures, strict=True):
-                data = np.asarray(f.result())
+            for region, (f, into) in zip(request.regions, futures, strict=True):
+                result = f.result()
+                data = into if into is not None else np.asarray(result)
                 if data.dtype != request.dtype:
                     data = data.astype(request.dtype)
                 expected = tuple(s.stop - s.start for s in region)

@@ -24,6 +24,7 @@ import tensorstore as ts
 from ckptcore.errors import CorruptCheckpointError, InvalidOptionError
 from ckptcore.plugins.registrations import Location, ReadRequest, WriteRequest
 from ckptcore_zarr3 import layout
+from ckptcore_zarr3.buffers import read_region
 from ckptcore_zarr3.kvstore import kvstore_spec
 
 PACKED_PREFIX = ".packed/"  # '.' never appears in an escaped storage key, so no leaf collides
@@ -197,7 +198,7 @@ class TensorStoreFormat:
             cast_in_store = not byte_view and r.dtype != r.saved_dtype and _ts_can_cast(r.dtype)
             source = ts.cast(store, ts.dtype(r.dtype.name)) if cast_in_store else store
             for region in r.regions:
-                reads.append((i, r, byte_view, cast_in_store, _read_region(source[region])))
+                reads.append((i, r, byte_view, cast_in_store, read_region(source[region])))
 
         # Packed leaves are cut out of their blobs while the array reads run.
         for i in packed:
@@ -246,35 +247,6 @@ class TensorStoreFormat:
         for region in r.regions:
             # np.array, not .copy(): indexing a 0-d array with () gives a NumPy scalar.
             out.append(np.array(whole[region], dtype=r.dtype, copy=True))
-
-
-def _read_region(source: ts.TensorStore) -> tuple[Any, np.ndarray | None]:
-    """Start reading ``source``: (future, output array or None when the future returns it).
-
-    Plain numeric dtypes are read into an array NumPy allocates: NumPy backs large arrays
-    with huge pages, while TensorStore's own result arrays fault in 4 KiB pages, which
-    costs more system time than the copy itself (a third of a large restore's time).
-    """
-    dtype = source.dtype.numpy_dtype
-    if dtype.kind not in "biufc" or math.prod(source.shape) == 0:
-        return source.read(), None
-    out = _aligned_empty(tuple(source.shape), dtype)
-    return ts.array(out).write(source), out
-
-
-_ALIGN = 64
-
-
-def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """An uninitialised C-contiguous array starting on a 64-byte boundary.
-
-    JAX's CPU devices adopt such host buffers without copying them, so a restore onto CPU
-    devices places what was read as it is instead of copying it once more.
-    """
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = np.empty(nbytes + _ALIGN, np.uint8)
-    start = -raw.ctypes.data % _ALIGN
-    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def _is_small(request: WriteRequest, small_bytes: int) -> bool:
