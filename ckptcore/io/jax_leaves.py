@@ -336,6 +336,7 @@ def plan_read(
     request = ReadRequest(
         key=record["key"], shape=saved_shape, saved_dtype=saved_dtype, dtype=dtype,
         info=record.get("format_info", {}), regions=tuple(regions),
+        aligned=placement is not None and any(d.platform == "cpu" for d in sharding.device_set),
     )
 
     def finish(results: list[np.ndarray]) -> Any:

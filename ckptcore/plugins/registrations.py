@@ -93,7 +93,9 @@ class ReadRequest:
 
     ``info`` is what the format returned for this leaf when it was written (stored in
     the index). ``regions`` are the parts of the array to read; each is returned as a
-    separate C-contiguous NumPy array.
+    separate C-contiguous NumPy array. ``aligned``: the results go onto JAX CPU devices,
+    which adopt a 64-byte aligned buffer as it is and copy any other; a format that can
+    read into such buffers at no extra cost should (a hint: any C-contiguous array is valid).
     """
 
     key: str
@@ -102,6 +104,7 @@ class ReadRequest:
     dtype: np.dtype
     info: Mapping[str, Any]
     regions: tuple[Index, ...]
+    aligned: bool = False
 
 
 @runtime_checkable

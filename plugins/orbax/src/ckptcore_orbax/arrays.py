@@ -109,8 +109,14 @@ class OrbaxArrays:
                     f"the orbax array {request.info['param']!r} at {location.url} has shape {tuple(store.shape)}, "
                     f"its metadata said {tuple(request.shape)}; the checkpoint is damaged"
                 )
-            # Into aligned NumPy buffers: JAX's CPU devices adopt them without another copy.
-            pending.append([read_region(store[region] if region else store) for region in request.regions])
+            # For JAX's CPU devices, into aligned NumPy buffers they adopt without another copy.
+            # Otherwise TensorStore's own: a region that is a whole chunk is then the decoded
+            # chunk itself, not a copy of it (a cold 1 GiB NumPy restore: 1.46 s, not 2.28 s).
+            pending.append([
+                read_region(store[region] if region else store) if request.aligned
+                else ((store[region] if region else store).read(), None)
+                for region in request.regions
+            ])
         out = []
         for request, futures in zip(requests, pending, strict=True):
             arrays = []
