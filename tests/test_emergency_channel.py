@@ -105,6 +105,23 @@ def test_a_sender_with_the_wrong_token_is_told_it_failed(pair: Any) -> None:
     assert b.receive("replica", 1, 0, timeout=0.1) is None
 
 
+def test_an_ipv6_address_works() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("this machine has no IPv6")  # only where the kernel has no IPv6 at all
+    try:
+        a, b = Channel(0, TOKEN, "::1"), Channel(1, TOKEN, "::1")
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    try:
+        a.peers = b.peers = [a.address, b.address]
+        a.send(1, "replica", 1, 3, [("x", b"v6")], timeout=5)
+        m = b.receive("replica", 1, 0, timeout=5)
+        assert m is not None and m.parts["x"].tobytes() == b"v6"
+    finally:
+        a.close()
+        b.close()
+
+
 def test_an_unreachable_peer_is_a_channel_error_naming_it(pair: Any) -> None:
     a, b = pair
     b.close()

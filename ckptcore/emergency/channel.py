@@ -69,7 +69,7 @@ class Channel:
         self.process = process
         self._token = token
         self._idle_timeout = idle_timeout  # a connection silent this long is dropped (its thread freed)
-        self._server = socket.create_server((host, 0))
+        self._server = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.address: tuple[str, int] = (host, int(self._server.getsockname()[1]))
         self.peers: list[tuple[str, int]] = []
         self._mailbox: dict[tuple[str, int, int], Message] = {}
