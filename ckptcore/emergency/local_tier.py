@@ -180,8 +180,9 @@ class LocalTier:
                     raise CorruptCheckpointError(f"the replica sent by process {source} names a file outside it: {name}")
                 path = f"{item.path.rstrip('/')}/{name}"
                 item.fs.makedirs(path.rpartition("/")[0], exist_ok=True)
-                item.fs.pipe_file(path, memoryview(data))
-                total += len(memoryview(data))
+                data = memoryview(data)
+                item.fs.pipe_file(path, data)
+                total += data.nbytes
             self._finish(staging, step, {OWN_ITEM: {"kind": "pytree"}},
                          {self.process: {"item": OWN_ITEM, "fingerprint": fingerprint}})
             transaction.commit(staging, final, replace=True)

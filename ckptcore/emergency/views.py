@@ -8,9 +8,10 @@ every process holds them.
 
 A peer's view is the same checkpoint for another process: the records (shape, dtype,
 logical sharding) are the same, the shards are the peer's regions, received over the replica
-channel (:mod:`ckptcore.emergency.channel`) as the parts :func:`replica_parts` names. The *fingerprint* of a state names its tree, shapes,
-dtypes and which process holds which region: two saves with equal fingerprints were made
-on the same mesh and process layout, so a view of one restores onto the other.
+channel (:mod:`ckptcore.emergency.channel`) as the parts :func:`replica_parts` names. The
+*fingerprint* of a state names its tree, shapes, dtypes and which process holds which
+region: two saves with equal fingerprints were made on the same mesh and process layout, so
+a view of one restores onto the other.
 """
 
 from __future__ import annotations

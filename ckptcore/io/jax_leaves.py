@@ -54,6 +54,7 @@ import numpy as np
 from ckptcore.errors import ChecksumMismatchError, CorruptCheckpointError, TargetMismatchError, UnsupportedLeafError
 from ckptcore.io import checksums
 from ckptcore.io import plans as arrays
+from ckptcore.plugins.buffers import ALIGN, aligned_empty
 from ckptcore.plugins.registrations import Index, ReadRequest, Shard, WriteRequest
 from ckptcore.tree.dtypes import dtype_name, is_supported_array_dtype
 from ckptcore.tree.keys import KeyPath, format_key_path, storage_key
@@ -384,18 +385,13 @@ def _put(host: np.ndarray, devices: list[Any]) -> list[Any]:
     cpus = [d for d in devices if d.platform == "cpu"]
     placed = dict(zip(others, jax.device_put([host] * len(others), others), strict=True)) if others else {}
     for i, device in enumerate(cpus):
-        adoptable = i == 0 and host.flags.c_contiguous and host.ctypes.data % _CPU_ALIGN == 0
+        adoptable = i == 0 and host.flags.c_contiguous and host.ctypes.data % ALIGN == 0
         placed[device] = jax.device_put(host if adoptable else _aligned_copy(host), device)
     return [placed[device] for device in devices]
 
 
-_CPU_ALIGN = 64
-
-
 def _aligned_copy(host: np.ndarray) -> np.ndarray:
-    raw = np.empty(host.nbytes + _CPU_ALIGN, np.uint8)
-    start = -raw.ctypes.data % _CPU_ALIGN
-    out = raw[start : start + host.nbytes].view(host.dtype).reshape(host.shape)
+    out = aligned_empty(tuple(host.shape), host.dtype)
     np.copyto(out, host)
     return out
 

@@ -9,7 +9,6 @@ and the jobs run on a thread pool (the GIL is released during the system calls).
 from __future__ import annotations
 
 import errno
-import math
 import mmap
 import os
 import queue
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ckptcore.errors import CorruptCheckpointError
+from ckptcore.plugins.buffers import aligned_empty
 
 IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024)
 LOCAL_JOB_BYTES = 64 << 20  # one system call's worth: long sequential runs, and still 16 jobs per GiB for the threads
@@ -32,20 +32,6 @@ REMOTE_JOB_BYTES = 32 << 20  # one ranged GET at most: large leaves download in 
 REMOTE_WRITE_THREADS = 16  # objects uploaded at once (network-bound, not CPU-bound)
 REMOTE_MERGE_GAP = 1 << 20  # neighbouring ranges closer than this become one request
 REMOTE_BATCH_BYTES = 256 << 20  # downloaded bytes held at once before they are copied into place
-ALIGN = 64
-
-
-def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """An uninitialised C-contiguous array starting on a 64-byte boundary.
-
-    JAX's CPU devices adopt such host buffers without copying them.
-    """
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = np.empty(nbytes + ALIGN, np.uint8)
-    start = -raw.ctypes.data % ALIGN
-    return raw[start : start + nbytes].view(dtype).reshape(shape)
-
-
 def byte_view(array: np.ndarray) -> memoryview:
     """A flat uint8 memoryview of a C-contiguous array (any dtype, ml_dtypes included)."""
     return memoryview(array.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy stubs: ndarray is a buffer

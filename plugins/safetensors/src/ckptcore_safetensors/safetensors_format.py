@@ -31,6 +31,7 @@ from typing import Any, TypeGuard
 import numpy as np
 
 from ckptcore.errors import CorruptCheckpointError, InvalidOptionError
+from ckptcore.plugins.buffers import ALIGN, aligned_empty
 from ckptcore_safetensors import fileio, header, tensorstore_io
 
 OPTIONS = ("max_file_bytes", "threads", "align", "early_writeback", "direct_io")
@@ -338,11 +339,11 @@ class _ReadPlan:
         """A 64-byte aligned result array and its bytes; small ones are carved from shared arenas (one allocation, not thousands)."""
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes > ARENA_ITEM_BYTES:
-            out = fileio.aligned_empty(shape, dtype)
+            out = aligned_empty(shape, dtype)
             return out, fileio.byte_view(out)
-        start = self.arena_used + (-self.arena_used % fileio.ALIGN)
+        start = self.arena_used + (-self.arena_used % ALIGN)
         if self.arena is None or start + nbytes > len(self.arena):
-            self.arena = fileio.aligned_empty((ARENA_BYTES,), np.dtype(np.uint8))
+            self.arena = aligned_empty((ARENA_BYTES,), np.dtype(np.uint8))
             self.arena_view = memoryview(self.arena)  # type: ignore[arg-type]  # numpy stubs: ndarray is a buffer
             start = 0
         self.arena_used = start + nbytes

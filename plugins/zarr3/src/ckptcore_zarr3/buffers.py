@@ -1,4 +1,5 @@
-"""Reading TensorStore regions into NumPy memory that JAX's CPU devices adopt as it is.
+"""Reading TensorStore regions into NumPy memory that JAX's CPU devices adopt as it is
+(:func:`ckptcore.plugins.buffers.aligned_empty`).
 
 Shared by the formats of this distribution and by ckptcore-orbax, which reads orbax's
 arrays through TensorStore the same way.
@@ -11,6 +12,8 @@ from typing import Any
 
 import numpy as np
 import tensorstore as ts
+
+from ckptcore.plugins.buffers import aligned_empty
 
 
 def read_region(source: ts.TensorStore) -> tuple[Any, np.ndarray | None]:
@@ -26,17 +29,3 @@ def read_region(source: ts.TensorStore) -> tuple[Any, np.ndarray | None]:
     out = aligned_empty(tuple(source.shape), dtype)
     return ts.array(out).write(source), out
 
-
-ALIGN = 64
-
-
-def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """An uninitialised C-contiguous array starting on a 64-byte boundary.
-
-    JAX's CPU devices adopt such host buffers without copying them, so a restore onto CPU
-    devices places what was read as it is instead of copying it once more.
-    """
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = np.empty(nbytes + ALIGN, np.uint8)
-    start = -raw.ctypes.data % ALIGN
-    return raw[start : start + nbytes].view(dtype).reshape(shape)
