@@ -19,6 +19,7 @@ import pytest
 import ckptcore
 from ckptcore.errors import (
     CheckpointNotFoundError,
+    ChecksumMismatchError,
     CorruptCheckpointError,
     NotCommittedError,
     TargetMismatchError,
@@ -354,6 +355,70 @@ def test_convert_streams_in_batches_and_verifies(written, tmp_path, name):
     target = {"w": jax.ShapeDtypeStruct((8, 16), jnp.float32, sharding=NamedSharding(m, P("y", "x")))}
     np.testing.assert_array_equal(np.asarray(ckptcore.restore(tmp_path / "ck", target, partial=True)["w"]),
                                   np.asarray(written["arrays"]["w"]))
+
+
+class _ReadBack:
+    """The ``ocdbt`` format, recording the regions read back, and corrupting them on request.
+
+    Stands for destination storage that hands back other bytes than it was given: the
+    conversion's read-back must catch it before anything is committed.
+    """
+
+    def __init__(self, corrupt: bool) -> None:
+        from ckptcore.plugins.manager import registry
+
+        self.inner = registry().array_format("ocdbt").format
+        self.corrupt = corrupt
+        self.regions: list[tuple[str, Any]] = []
+
+    def write(self, location, requests, options):
+        return self.inner.write(location, requests, options)
+
+    def read(self, location, requests, options):
+        results = self.inner.read(location, requests, options)
+        for request, arrays in zip(requests, results, strict=True):
+            self.regions += [(request.key, region) for region in request.regions]
+            if self.corrupt and request.key == "w":
+                arrays[0] = arrays[0].copy()
+                arrays[0].reshape(-1).view(np.uint8)[-1] ^= 1  # one flipped bit in the last block
+        return results
+
+
+@pytest.fixture
+def read_back():
+    from ckptcore import hookimpl
+    from ckptcore.plugins.registrations import ArrayFormatRegistration
+
+    formats: dict[str, _ReadBack] = {"recorded": _ReadBack(False), "corrupting": _ReadBack(True)}
+
+    class Plugin:
+        @hookimpl
+        def ckptcore_array_formats(self):
+            return [ArrayFormatRegistration(name=n, format=f, version=1) for n, f in formats.items()]
+
+    name = ckptcore.register_plugin(Plugin(), name="read-back-formats")
+    yield formats
+    ckptcore.unregister_plugin(name)
+
+
+def test_convert_reads_back_in_row_blocks(written, tmp_path, read_back, monkeypatch):
+    from ckptcore.io import convert as convert_module
+
+    monkeypatch.setattr(convert_module, "VERIFY_BLOCK_BYTES", 2 * 16 * 4)  # two rows of w (8, 16) float32
+    ckptcore.convert(written["standard"], tmp_path / "ck", format="recorded")
+    blocks = [region for key, region in read_back["recorded"].regions if key == "w"]
+    assert [(r[0].start, r[0].stop) for r in blocks] == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    assert all(r[1] == slice(0, 16) for r in blocks)
+    assert_same(ckptcore.restore(written["standard"]), ckptcore.restore(tmp_path / "ck"))
+
+
+def test_convert_commits_nothing_when_the_read_back_differs(written, tmp_path, read_back, monkeypatch):
+    from ckptcore.io import convert as convert_module
+
+    monkeypatch.setattr(convert_module, "VERIFY_BLOCK_BYTES", 2 * 16 * 4)
+    with pytest.raises(ChecksumMismatchError, match=r"'w'.* read back from .* differs from the source"):
+        ckptcore.convert(written["standard"], tmp_path / "out", format="corrupting")
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("out")], os.listdir(tmp_path)
 
 
 def test_convert_cli(written, tmp_path, capsys):

@@ -270,6 +270,25 @@ def test_plain_crc32_checksums_are_still_verified(tmp_path):
         ckptcore.restore(path)
 
 
+@pytest.mark.parametrize("algorithm", ["crc32c", "crc32"])
+def test_a_checksum_continued_over_row_blocks_is_the_whole_regions(algorithm):
+    """What convert's block-by-block read-back relies on: blocks of rows, in order, checksum as the whole."""
+    from ckptcore.io import checksums
+
+    data = np.random.default_rng(0).standard_normal((37, 5, 3)).astype(np.float32)[3:30, 1:4]  # a region, not contiguous
+    whole = checksums.checksum(data, algorithm)
+    running = checksums.Running(algorithm)
+    for start in range(0, data.shape[0], 4):
+        running.update(data[start:start + 4])
+    assert running.value() == whole
+    reordered = checksums.Running(algorithm)
+    for start in reversed(range(0, data.shape[0], 4)):
+        reordered.update(data[start:start + 4])
+    assert reordered.value() != whole
+    with pytest.raises(ckptcore.errors.CorruptCheckpointError, match="unknown checksum algorithm 'md5'"):
+        checksums.Running("md5")
+
+
 def test_force_never_replaces_what_is_not_a_checkpoint(tmp_path):
     """force=True replaces checkpoints only: other directories, manager roots and files survive."""
     user_dir = tmp_path / "thesis"

@@ -2,8 +2,8 @@
 
 The conversion streams: the source's arrays are read in batches of at most
 ``max_bytes_in_flight / 2`` bytes (a leaf larger than that in row blocks), the next batch is
-read while the previous one is written, so at most two batches are held at once whatever
-the size of the checkpoint.
+read while the previous one is written, so at most two batches (and one block of the
+read-back below) are held at once whatever the size of the checkpoint.
 
 **Where a batch goes.** A format writes one batch per call, and some formats write one file
 (or database commit) per call. Batch ``k`` is therefore written as the multi-writer
@@ -18,9 +18,9 @@ array formats: a damaged ``_METADATA`` or a missing ``manifest.ocdbt`` fails bef
 anything is written). The data is then written into the destination's uncommitted staging
 directory (a temporary sibling on disk, an uncommitted prefix on object stores), every
 batch checksummed as it is read (and checked against the source's own checksums where it
-has them); each batch is read back through the format right after it is written, while the
-next one is being read, and compared with those checksums; then the index is written and
-read back, and only then is ``dst`` committed. A
+has them); each batch is read back through the format, in blocks of rows, while the next
+one is being written and the one after it read, and compared with those checksums; then
+the index is written and read back, and only then is ``dst`` committed. A
 source that turns out damaged while streaming (a truncated data file) aborts the staging
 directory: ``dst`` never appears.
 
@@ -375,21 +375,37 @@ def _read_batch(opened: OpenedCheckpoint, readers: Mapping[str, tuple[ArrayForma
 def _stream(opened: OpenedCheckpoint, readers: Mapping[str, tuple[ArrayFormatRegistration, Any]],
             fmt: ArrayFormatRegistration, directory: Any, batches: list[list[_Piece]],
             progress: ProgressCallback | None, total: int) -> None:
-    """Read batch k+1 while batch k is checksummed, written into ``<format>/process_<k>/`` and read back."""
+    """Three stages at once: batch k+2 is read, k+1 checksummed and written into ``<format>/process_<k+1>/``, k read back.
+
+    On two cores the conversion is CPU-bound (decoding the source, copying, checksumming),
+    so the read-back runs beside the write of the next batch rather than after it.
+    """
     done = 0
     if progress:
         progress(0, 2 * total)
-    for k, batch, data in _read_ahead(opened, readers, batches):
-        nbytes = sum(p.nbytes for p in batch)
-        written = _write_batch(fmt, directory.child(f"process_{k}"), k, batch, data)
-        del data
-        done += nbytes
-        if progress:
-            progress(done, 2 * total)
-        _verify_written(directory, fmt, written)  # while the next batch is being read
-        done += nbytes
-        if progress:
-            progress(done, 2 * total)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptcore-convert-verify") as verifier:
+        checking: tuple[Any, int] | None = None  # (the read-back of the last batch written, its bytes)
+
+        def checked() -> None:
+            nonlocal done, checking
+            if checking is not None:
+                job, nbytes = checking
+                checking = None
+                job.result()  # a mismatch raises here, in the caller's thread
+                done += nbytes
+                if progress:
+                    progress(done, 2 * total)
+
+        for k, batch, data in _read_ahead(opened, readers, batches):
+            nbytes = sum(p.nbytes for p in batch)
+            written = _write_batch(fmt, directory.child(f"process_{k}"), k, batch, data)
+            del data
+            done += nbytes
+            if progress:
+                progress(done, 2 * total)
+            checked()
+            checking = (verifier.submit(_verify_written, directory, fmt, written), nbytes)
+        checked()
 
 
 _Written = list[tuple[_Leaf, dict[str, Any], list[dict[str, Any]]]]
@@ -427,26 +443,49 @@ def _write_batch(fmt: ArrayFormatRegistration, location: Any, k: int, batch: lis
     return written
 
 
+VERIFY_BLOCK_BYTES = 16 << 20
+"""What is read back at once: fresh memory is costly to touch, and blocks this small are reused."""
+
+
 def _verify_written(directory: Any, fmt: ArrayFormatRegistration, written: _Written) -> None:
-    """Read back what one batch wrote, through the format, and compare it with the checksums of the source data."""
-    requests = []
+    """Read back what one batch wrote, through the format, and compare it with the checksums of the source data.
+
+    Each piece is read in blocks of rows of about :data:`VERIFY_BLOCK_BYTES`, its checksum
+    continued from block to block (:class:`checksums.Running`).
+    """
     for leaf, writer, entries in written:
         dtype = dtype_from_name(leaf.record["dtype"])
-        requests.append(ReadRequest(key=leaf.key, shape=tuple(int(x) for x in leaf.record["shape"]), saved_dtype=dtype,
-                                    dtype=dtype, info={"writers": [writer]},
-                                    regions=tuple(tuple(slice(a, b) for a, b in e["index"]) for e in entries)))
-    results = multiwriter.read_or_explain(
-        fmt.format, directory, requests,
-        lambda exc: f"converting: reading back what was written to {directory.url} failed "
-        f"({type(exc).__name__}: {exc}); nothing was committed",
-    )
-    for (leaf, _, entries), arrays in zip(written, results, strict=True):
-        for entry, array in zip(entries, arrays, strict=True):
-            if not checksums.matches(array, entry["checksum"]):
+        shape = tuple(int(x) for x in leaf.record["shape"])
+        for entry in entries:
+            region = tuple(slice(a, b) for a, b in entry["index"])
+            running = checksums.Running(entry["checksum"].partition(":")[0])
+            for block in _row_blocks(region, dtype.itemsize):
+                request = ReadRequest(key=leaf.key, shape=shape, saved_dtype=dtype, dtype=dtype,
+                                      info={"writers": [writer]}, regions=(block,))
+                arrays = multiwriter.read_or_explain(
+                    fmt.format, directory, [request],
+                    lambda exc: f"converting: reading back what was written to {directory.url} failed "
+                    f"({type(exc).__name__}: {exc}); nothing was committed",
+                )
+                running.update(arrays[0][0])
+                del arrays
+            if running.value() != entry["checksum"]:
                 raise ChecksumMismatchError(
                     f"converting: {format_key_path(leaf.path)} read back from {directory.url} differs from the source; "
                     "the destination storage corrupted it. Nothing was committed"
                 )
+
+
+def _row_blocks(region: Index, itemsize: int) -> Iterator[Index]:
+    """``region`` cut along its first axis into blocks of about :data:`VERIFY_BLOCK_BYTES` (in C order, in turn)."""
+    if not region:
+        yield region
+        return
+    first, rest = region[0], region[1:]
+    row_bytes = math.prod(s.stop - s.start for s in rest) * itemsize
+    rows = max(1, VERIFY_BLOCK_BYTES // max(1, row_bytes))
+    for start in range(first.start, max(first.start + 1, first.stop), rows):
+        yield (slice(start, min(first.stop, start + rows)), *rest)
 
 
 def _index(opened: OpenedCheckpoint, tree: Node, format_name: str, fmt: ArrayFormatRegistration | None,
