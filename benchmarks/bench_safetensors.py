@@ -13,7 +13,8 @@ Workloads (the same data for every implementation):
 * ``small``: 5,000 float32 arrays of 1,024 elements: save and restore (warm).
 * ``cloud`` (only with ``--only cloud``): the NumPy state saved to and restored from
   fake-gcs-server (``gs://``) and moto_server (``s3://``) on 127.0.0.1 (needs
-  ckptcore-testing and the gcs/s3 plugins): safetensors vs ocdbt.
+  ckptcore-testing and the gcs/s3 plugins): safetensors vs ocdbt, with the CPU seconds
+  each operation cost this process and the emulator (which side bounds it).
 
 Implementations alternate within each repetition (the order rotates), the first
 repetition is a discarded warm-up, and the tables show medians with the range (min-max)
@@ -326,6 +327,24 @@ def table(title: str, nbytes: int, times: dict[str, dict[str, list[float]]], our
             print(f"| {ours} speed / {ref} | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
 
 
+def _own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _process_cpu(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and its children (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+        total = 0.0
+        for p in [pid, *map(int, children)]:
+            fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+    except OSError:
+        return 0.0
+
+
 def cloud_workload(size_mb: int, repeats: int, root: str) -> None:
     """safetensors vs ocdbt on the object-store emulators, alternating, warm-up discarded."""
     import boto3
@@ -344,15 +363,21 @@ def cloud_workload(size_mb: int, repeats: int, root: str) -> None:
         nbytes = sum(a.nbytes for a in state.values())
         for scheme in ("gs", "s3"):
             times: dict[str, dict[str, list[float]]] = {f: {"save": [], "restore": []} for f in ("safetensors", "ocdbt")}
+            # CPU seconds of this process and of the emulator per operation: which side bounds it.
+            cpu: dict[tuple[str, str], list[tuple[float, float]]] = {}
+            server = gcs if scheme == "gs" else s3
             for rep in range(repeats + 1):
                 for fmt in (("safetensors", "ocdbt") if rep % 2 == 0 else ("ocdbt", "safetensors")):
                     url = f"{scheme}://bench/{fmt}-{rep}"
+                    before = (_own_cpu(), _process_cpu(server.process.pid))
                     t = time.perf_counter()
                     ckptcore.save(url, state, format=fmt)
                     saved = time.perf_counter() - t
+                    middle = (_own_cpu(), _process_cpu(server.process.pid))
                     t = time.perf_counter()
                     restored = ckptcore.restore(url)
                     elapsed = time.perf_counter() - t
+                    after = (_own_cpu(), _process_cpu(server.process.pid))
                     if rep == 0 and not _same(state, restored):
                         raise SystemExit(f"{fmt} on {scheme}:// restored different data")
                     del restored
@@ -361,9 +386,17 @@ def cloud_workload(size_mb: int, repeats: int, root: str) -> None:
                     if rep:
                         times[fmt]["save"].append(saved)
                         times[fmt]["restore"].append(elapsed)
+                        cpu.setdefault((fmt, "save"), []).append((middle[0] - before[0], middle[1] - before[1]))
+                        cpu.setdefault((fmt, "restore"), []).append((after[0] - middle[0], after[1] - middle[1]))
             named = {f"ckptcore {f} ({scheme}://)": t for f, t in times.items()}
             table(f"NumPy state on the {scheme}:// emulator", nbytes, named, f"ckptcore safetensors ({scheme}://)",
                   list(named))
+            print(f"\nCPU seconds (medians), this process / the emulator ({server.name}):\n")
+            print("| implementation | save | restore |\n|---|---:|---:|")
+            for fmt in times:
+                cells = [" / ".join(f"{statistics.median(x[i] for x in cpu[(fmt, op)]):.2f}" for i in (0, 1))
+                         for op in ("save", "restore")]
+                print(f"| ckptcore {fmt} ({scheme}://) | " + " | ".join(cells) + " |")
     finally:
         gcs.stop()
         s3.stop()
