@@ -450,7 +450,8 @@ def main() -> None:
             state = jax_state(args.size_mb)
             target = jax_target(args.size_mb, (2, 4))
             nbytes = sum(int(x.nbytes) for x in state.values())
-            times = run("jax", state, target, list(impls.values()), root, args.repeats, {"restore (2,4) warm": False})
+            times = run("jax", state, target, list(impls.values()), root, args.repeats,
+                        {"restore (2,4) cold": cold, "restore (2,4) warm": False})
             table("jax.Array, saved on a (4, 2) mesh, restored onto (2, 4)", nbytes, times, ours, refs)
             del state
         if "small" in only:
