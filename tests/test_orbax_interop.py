@@ -370,12 +370,14 @@ class _ReadBack:
         self.inner = registry().array_format("ocdbt").format
         self.corrupt = corrupt
         self.regions: list[tuple[str, Any]] = []
+        self.calls = 0
 
     def write(self, location, requests, options):
         return self.inner.write(location, requests, options)
 
     def read(self, location, requests, options):
         results = self.inner.read(location, requests, options)
+        self.calls += 1
         for request, arrays in zip(requests, results, strict=True):
             self.regions += [(request.key, region) for region in request.regions]
             if self.corrupt and request.key == "w":
@@ -410,6 +412,13 @@ def test_convert_reads_back_in_row_blocks(written, tmp_path, read_back, monkeypa
     assert [(r[0].start, r[0].stop) for r in blocks] == [(0, 2), (2, 4), (4, 6), (6, 8)]
     assert all(r[1] == slice(0, 16) for r in blocks)
     assert_same(ckptcore.restore(written["standard"]), ckptcore.restore(tmp_path / "ck"))
+
+
+def test_convert_reads_small_pieces_back_together(written, tmp_path, read_back):
+    report = ckptcore.convert(written["standard"], tmp_path / "ck", format="recorded")
+    assert report.batches == 1 and report.leaves > 10
+    assert read_back["recorded"].calls == 1  # every leaf of the batch in one read-back call
+    assert len({key for key, _ in read_back["recorded"].regions}) == report.leaves
 
 
 def test_convert_commits_nothing_when_the_read_back_differs(written, tmp_path, read_back, monkeypatch):

@@ -2,8 +2,8 @@
 
 The conversion streams: the source's arrays are read in batches of at most
 ``max_bytes_in_flight / 2`` bytes (a leaf larger than that in row blocks), the next batch is
-read while the previous one is written, so at most two batches (and one block of the
-read-back below) are held at once whatever the size of the checkpoint.
+read while the previous one is written, so at most two batches (and one call's worth of
+the read-back below, 64 MiB) are held at once whatever the size of the checkpoint.
 
 **Where a batch goes.** A format writes one batch per call, and some formats write one file
 (or database commit) per call. Batch ``k`` is therefore written as the multi-writer
@@ -444,36 +444,51 @@ def _write_batch(fmt: ArrayFormatRegistration, location: Any, k: int, batch: lis
 
 
 VERIFY_BLOCK_BYTES = 16 << 20
-"""What is read back at once: fresh memory is costly to touch, and blocks this small are reused."""
+"""The rows of a large piece read back at once: fresh memory is costly to touch, and blocks this small are reused."""
+VERIFY_CALL_BYTES = 64 << 20
+"""The most read back by one call of the format: small pieces go together (each call has a cost of its own)."""
 
 
 def _verify_written(directory: Any, fmt: ArrayFormatRegistration, written: _Written) -> None:
     """Read back what one batch wrote, through the format, and compare it with the checksums of the source data.
 
-    Each piece is read in blocks of rows of about :data:`VERIFY_BLOCK_BYTES`, its checksum
+    The pieces are read in calls of at most :data:`VERIFY_CALL_BYTES`, many small pieces in
+    one call, a large one in blocks of rows of :data:`VERIFY_BLOCK_BYTES`, its checksum
     continued from block to block (:class:`checksums.Running`).
     """
-    for leaf, writer, entries in written:
+    blocks: list[tuple[ReadRequest, int, int]] = []  # in order: request, the position of its entry, bytes
+    entries: list[tuple[_Leaf, dict[str, Any], checksums.Running]] = []
+    for leaf, writer, leaf_entries in written:
         dtype = dtype_from_name(leaf.record["dtype"])
         shape = tuple(int(x) for x in leaf.record["shape"])
-        for entry in entries:
-            region = tuple(slice(a, b) for a, b in entry["index"])
-            running = checksums.Running(entry["checksum"].partition(":")[0])
-            for block in _row_blocks(region, dtype.itemsize):
+        for entry in leaf_entries:
+            entries.append((leaf, entry, checksums.Running(entry["checksum"].partition(":")[0])))
+            for block in _row_blocks(tuple(slice(a, b) for a, b in entry["index"]), dtype.itemsize):
                 request = ReadRequest(key=leaf.key, shape=shape, saved_dtype=dtype, dtype=dtype,
                                       info={"writers": [writer]}, regions=(block,))
-                arrays = multiwriter.read_or_explain(
-                    fmt.format, directory, [request],
-                    lambda exc: f"converting: reading back what was written to {directory.url} failed "
-                    f"({type(exc).__name__}: {exc}); nothing was committed",
-                )
-                running.update(arrays[0][0])
-                del arrays
-            if running.value() != entry["checksum"]:
-                raise ChecksumMismatchError(
-                    f"converting: {format_key_path(leaf.path)} read back from {directory.url} differs from the source; "
-                    "the destination storage corrupted it. Nothing was committed"
-                )
+                nbytes = math.prod(s.stop - s.start for s in block) * dtype.itemsize
+                blocks.append((request, len(entries) - 1, nbytes))
+    call: list[tuple[ReadRequest, int]] = []
+    size = 0
+    for i, (request, position, nbytes) in enumerate(blocks):
+        call.append((request, position))
+        size += nbytes
+        if i == len(blocks) - 1 or size + blocks[i + 1][2] > VERIFY_CALL_BYTES:
+            results = multiwriter.read_or_explain(
+                fmt.format, directory, [r for r, _ in call],
+                lambda exc: f"converting: reading back what was written to {directory.url} failed "
+                f"({type(exc).__name__}: {exc}); nothing was committed",
+            )
+            for (_, at), arrays in zip(call, results, strict=True):
+                entries[at][2].update(arrays[0])
+            del results
+            call, size = [], 0
+    for leaf, entry, running in entries:
+        if running.value() != entry["checksum"]:
+            raise ChecksumMismatchError(
+                f"converting: {format_key_path(leaf.path)} read back from {directory.url} differs from the source; "
+                "the destination storage corrupted it. Nothing was committed"
+            )
 
 
 def _row_blocks(region: Index, itemsize: int) -> Iterator[Index]:
