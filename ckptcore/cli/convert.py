@@ -13,6 +13,9 @@ def register(sub: Any) -> None:
         COMMAND, help="convert a checkpoint of any readable layout (e.g. orbax-checkpoint's) into ckptcore's",
         description="Streams the arrays in bounded memory, verifies everything written against the source, and "
         "only then commits DST. A damaged source fails before DST exists.",
+        epilog="On Linux with glibc, a conversion of large arrays spends much of its time touching fresh memory; "
+        "run it as MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 ckptcore convert ... "
+        "to let the allocator reuse its buffers (the README's 'Coming from orbax-checkpoint' has figures).",
     )
     p.add_argument("src", help="the checkpoint to read (e.g. an orbax item: /ckpt/run/1000/state)")
     p.add_argument("dst", help="where the ckptcore checkpoint goes")
