@@ -5,7 +5,8 @@ Run:  python benchmarks/moto_ranges.py [--range-mib 16] [--sizes 16,64,128,256] 
 Real S3 serves a byte range at a cost that depends on the range. moto_server's cost grows
 with the whole object, so on it a format that stores larger objects pays more per request
 for the same bytes: the reason the ``s3://`` restore row of ``bench_safetensors.py --only
-cloud`` differs between formats. Needs ckptcore-testing and boto3 (the ``bench`` extra).
+cloud`` differs between formats. Needs ckptcore-testing, moto and boto3 (``pip install -r
+requirements-dev.txt``).
 """
 
 from __future__ import annotations
