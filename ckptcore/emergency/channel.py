@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from ckptcore.errors import CheckpointError
-from ckptcore.parallel.coordinator import Coordinator, Operation
+from ckptcore.parallel.coordinator import Coordinator, allgather
 
 log = logging.getLogger("ckptcore.emergency")
 
@@ -219,10 +219,3 @@ def reachable_host() -> str:
             return str(probe.getsockname()[0])
     except OSError:
         return host
-
-
-def allgather(operation: Operation, slot: str, value: Any) -> list[Any]:
-    """Every process's ``value``, on every process (through the coordinator)."""
-    gathered = operation.gather(slot, value)
-    everyone: list[Any] = operation.broadcast(f"{slot}/all", lambda: list(gathered or []))
-    return everyone

@@ -40,7 +40,7 @@ from ckptcore import storage
 from ckptcore.checkpointers import background
 from ckptcore.checkpointers.engine import AsyncSaveEngine
 from ckptcore.emergency import views
-from ckptcore.emergency.channel import Channel, ChannelError, allgather, open_channel
+from ckptcore.emergency.channel import Channel, ChannelError, open_channel
 from ckptcore.emergency.local_tier import OWN_ITEM, LocalStep, LocalTier, replica_item
 from ckptcore.emergency.options import EmergencyRestoreError, Options, RestoreInfo
 from ckptcore.errors import (
@@ -55,6 +55,7 @@ from ckptcore.io.plans import PreparedSave
 from ckptcore.io.restore import open_committed, restore_location
 from ckptcore.manager.manager import CheckpointManager as PersistentManager
 from ckptcore.manager.options import CheckpointManagerOptions
+from ckptcore.parallel.coordinator import allgather
 from ckptcore.parallel.current import current_coordinator
 
 log = logging.getLogger("ckptcore.emergency")

@@ -47,6 +47,13 @@ class Operation(Protocol):
         ...
 
 
+def allgather(operation: Operation, slot: str, value: Any) -> list[Any]:
+    """Every process's ``value``, in process order, on every process (a gather, then a broadcast)."""
+    gathered = operation.gather(slot, value)
+    everyone: list[Any] = operation.broadcast(f"{slot}/all", lambda: list(gathered or []))
+    return everyone
+
+
 class PrimaryFirst(Protocol):
     """Created on every process: the others wait in the constructor until the primary is ``done``."""
 

@@ -28,4 +28,3 @@ def read_region(source: ts.TensorStore) -> tuple[Any, np.ndarray | None]:
         return source.read(), None
     out = aligned_empty(tuple(source.shape), dtype)
     return ts.array(out).write(source), out
-
