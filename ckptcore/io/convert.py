@@ -320,16 +320,9 @@ def _batches(leaves: list[_Leaf], limit: int) -> list[list[_Piece]]:
 
 
 def _pieces(leaf: _Leaf, limit: int) -> Iterator[_Piece]:
-    shape = [int(n) for n in leaf.record["shape"]]
-    whole = tuple(slice(0, n) for n in shape)
-    itemsize = dtype_from_name(leaf.record["dtype"]).itemsize
-    row_bytes = math.prod(shape[1:]) * itemsize if shape else itemsize
-    if not shape or shape[0] <= 1 or shape[0] * row_bytes <= limit:
-        yield _Piece(leaf, whole)
-        return
-    rows = max(1, limit // max(1, row_bytes))
-    for start in range(0, shape[0], rows):
-        yield _Piece(leaf, (slice(start, min(shape[0], start + rows)), *whole[1:]))
+    whole = tuple(slice(0, int(n)) for n in leaf.record["shape"])
+    for region in _row_blocks(whole, dtype_from_name(leaf.record["dtype"]).itemsize, limit):
+        yield _Piece(leaf, region)
 
 
 def _read_batch(opened: OpenedCheckpoint, readers: Mapping[str, tuple[ArrayFormatRegistration, Any]],
@@ -463,7 +456,8 @@ def _verify_written(directory: Any, fmt: ArrayFormatRegistration, written: _Writ
         shape = tuple(int(x) for x in leaf.record["shape"])
         for entry in leaf_entries:
             entries.append((leaf, entry, checksums.Running(entry["checksum"].partition(":")[0])))
-            for block in _row_blocks(tuple(slice(a, b) for a, b in entry["index"]), dtype.itemsize):
+            for block in _row_blocks(tuple(slice(a, b) for a, b in entry["index"]), dtype.itemsize,
+                                    VERIFY_BLOCK_BYTES):
                 request = ReadRequest(key=leaf.key, shape=shape, saved_dtype=dtype, dtype=dtype,
                                       info={"writers": [writer]}, regions=(block,))
                 nbytes = math.prod(s.stop - s.start for s in block) * dtype.itemsize
@@ -491,14 +485,14 @@ def _verify_written(directory: Any, fmt: ArrayFormatRegistration, written: _Writ
             )
 
 
-def _row_blocks(region: Index, itemsize: int) -> Iterator[Index]:
-    """``region`` cut along its first axis into blocks of about :data:`VERIFY_BLOCK_BYTES` (in C order, in turn)."""
+def _row_blocks(region: Index, itemsize: int, limit: int) -> Iterator[Index]:
+    """``region`` cut along its first axis into blocks of at most ``limit`` bytes (one row at least), in C order."""
     if not region:
         yield region
         return
     first, rest = region[0], region[1:]
     row_bytes = math.prod(s.stop - s.start for s in rest) * itemsize
-    rows = max(1, VERIFY_BLOCK_BYTES // max(1, row_bytes))
+    rows = max(1, limit // max(1, row_bytes))
     for start in range(first.start, max(first.start + 1, first.stop), rows):
         yield (slice(start, min(first.stop, start + rows)), *rest)
 

@@ -112,11 +112,8 @@ class OrbaxArrays:
             # For JAX's CPU devices, into aligned NumPy buffers they adopt without another copy.
             # Otherwise TensorStore's own: a region that is a whole chunk is then the decoded
             # chunk itself, not a copy of it (a cold 1 GiB NumPy restore: 1.46 s, not 2.28 s).
-            pending.append([
-                read_region(store[region] if region else store) if request.aligned
-                else ((store[region] if region else store).read(), None)
-                for region in request.regions
-            ])
+            views = [store[region] if region else store for region in request.regions]
+            pending.append([read_region(v) if request.aligned else (v.read(), None) for v in views])
         out = []
         for request, futures in zip(requests, pending, strict=True):
             arrays = []
