@@ -224,7 +224,8 @@ def run(label: str, state: Any, target: Any, impls: list[Impl], root: str, repea
         restores: dict[str, bool]) -> dict[str, dict[str, list[float]]]:
     """``{impl: {"save": [...], <restore kind>: [...]}}`` in seconds, warm-up excluded.
 
-    ``restores`` maps a restore column to whether the page cache is dropped before it.
+    ``restores`` maps a restore column to whether the page cache is dropped before it; a
+    column that does not drop it reads what the columns before it left in the cache.
     """
     times: dict[str, dict[str, list[float]]] = {i.name: {"save": [], **{k: [] for k in restores}} for i in impls}
     cold = any(restores.values())
@@ -246,8 +247,10 @@ def run(label: str, state: Any, target: Any, impls: list[Impl], root: str, repea
             paths[impl.name] = path
             if rep:
                 times[impl.name]["save"].append(elapsed)
-        for kind, drop in restores.items():
-            for impl in order:
+        # Each implementation's restores run back to back (cold, then warm): a page-cache drop
+        # for the next implementation's cold restore would empty the cache a warm one needs.
+        for impl in order:
+            for kind, drop in restores.items():
                 if drop:
                     drop_page_cache()
                     impl.restore(warm_paths[impl.name], TINY)

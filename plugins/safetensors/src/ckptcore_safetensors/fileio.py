@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ckptcore.errors import CorruptCheckpointError
-from ckptcore.plugins.buffers import aligned_empty
+from ckptcore.plugins.buffers import ALIGN, aligned_empty
 
 IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024)
 LOCAL_JOB_BYTES = 64 << 20  # one system call's worth: long sequential runs, and still 16 jobs per GiB for the threads
@@ -282,12 +282,67 @@ def write_local_files(
             os.close(fd)
 
 
+# -- mapped reads -------------------------------------------------------------------------
+#
+# A tensor is restored as a copy-on-write view of the file's pages (``MAP_PRIVATE``): the
+# kernel reads the file into the page cache and maps those pages into the result, so there
+# is no copy and no fresh memory. A copy into new arrays pays the first touch of that memory
+# (zeroing it, and on a virtual machine whose host takes freed memory back a fault into the
+# host: 0.4-1.4 s per GiB, ``benchmarks/first_touch.py``) on top of the page cache, which
+# holds the data as well. The view is writable (writes go to private pages, never to the
+# file) and stays valid when the file is deleted; ckptcore never rewrites a committed file.
+# The pages are faulted in up front by ``madvise(MADV_POPULATE_READ)`` on the thread pool,
+# so a read error is an exception there and the restore never waits on a page fault later.
+# ``CKPTCORE_SAFETENSORS_MAP=0`` turns mapping off: every tensor is then read with
+# ``preadv`` into memory of its own.
+
+MAP_ENV = "CKPTCORE_SAFETENSORS_MAP"
+PAGE = mmap.PAGESIZE
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14; Python names it from 3.13 on
+
+
+def _can_populate() -> bool:
+    """Whether this kernel takes ``MADV_POPULATE_READ`` (Linux 5.14 and later)."""
+    if not sys.platform.startswith("linux") or not hasattr(mmap.mmap, "madvise"):
+        return False
+    probe = mmap.mmap(-1, PAGE)
+    try:
+        probe.madvise(_MADV_POPULATE_READ, 0, PAGE)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+_POPULATE = _can_populate()
+
+
+def mapping_enabled() -> bool:
+    return _POPULATE and os.environ.get(MAP_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _populate(mapping: mmap.mmap, fd: int, start: int, stop: int, path: str) -> None:
+    first = start - start % PAGE
+    if hasattr(os, "posix_fadvise"):  # the whole range asked of the disk at once, then waited for page by page
+        os.posix_fadvise(fd, first, stop - first, os.POSIX_FADV_WILLNEED)
+    try:
+        mapping.madvise(_MADV_POPULATE_READ, first, stop - first)
+    except OSError as exc:
+        raise CorruptCheckpointError(
+            f"{path}: reading bytes {start}-{stop} failed ({exc}); the file is damaged or was cut short"
+        ) from exc
+
+
 class LocalReader:
-    """Reads the header and the data of local files with ``pread``/``preadv``."""
+    """Reads the header and the data of local files: large tensors mapped, the rest with ``pread``/``preadv``."""
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
         self.fds: dict[str, int] = {}
+        self.maps: dict[str, tuple[mmap.mmap, np.ndarray] | None] = {}  # per file: its copy-on-write mapping
+        self.populate: dict[str, list[tuple[int, int]]] = {}  # per file: the mapped byte ranges
+        self.mapping = mapping_enabled()
 
     def path(self, name: str) -> str:
         return os.path.join(self.directory, name)
@@ -306,6 +361,23 @@ class LocalReader:
     def read_range(self, name: str, start: int, stop: int) -> bytes:
         return os.pread(self.fds[name], stop - start, start)
 
+    def mapped(self, name: str, start: int, length: int, alignment: int = ALIGN) -> np.ndarray | None:
+        """Bytes ``[start, start + length)`` of file ``name`` as a writable copy-on-write view of
+        its pages (filled by :meth:`read`), when they start on an ``alignment`` boundary; else None."""
+        if not self.mapping or start % alignment:
+            return None
+        if name not in self.maps:
+            try:
+                mapping = mmap.mmap(self.fds[name], 0, access=mmap.ACCESS_COPY)
+                self.maps[name] = (mapping, np.frombuffer(mapping, np.uint8))
+            except (OSError, ValueError):  # a file system that cannot map, an empty file
+                self.maps[name] = None
+        entry = self.maps[name]
+        if entry is None or start + length > len(entry[1]):
+            return None
+        self.populate.setdefault(name, []).append((start, start + length))
+        return entry[1][start : start + length]
+
     def read(self, segments: dict[str, list[ReadSegment]], blocks: dict[str, list[ReadBlock]], threads: int) -> None:
         scratch = memoryview(bytearray(LOCAL_MERGE_GAP))  # holes between merged ranges land here, unused
         tasks: list[Callable[[], None]] = []
@@ -314,6 +386,14 @@ class LocalReader:
             segs.sort(key=lambda s: s.offset)
             for job in _jobs([(s.offset, s.dest) for s in segs], LOCAL_JOB_BYTES, LOCAL_MERGE_GAP, scratch):
                 tasks.append(lambda fd=fd, job=job, path=path: _preadv_all(fd, job.buffers, job.offset, path))  # type: ignore[misc]  # a lambda with default arguments
+        for name, ranges in self.populate.items():
+            fd, path, mapped = self.fds[name], self.path(name), self.maps[name]
+            assert mapped is not None  # ranges are only recorded for a mapped file
+            mapping = mapped[0]
+            for start, stop in ranges:
+                for at in range(start, stop, LOCAL_JOB_BYTES):
+                    tasks.append(partial(_populate, mapping, fd, at, min(stop, at + LOCAL_JOB_BYTES), path))
+        self.populate.clear()
         # Block buffers are reused: memory touched for the first time costs more than the copy.
         spare: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
         for name, bls in blocks.items():
@@ -326,6 +406,7 @@ class LocalReader:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+        self.maps.clear()  # a mapping lives on while an array viewing it does
 
 
 def _read_block(fd: int, block: ReadBlock, path: str, spare: queue.SimpleQueue[np.ndarray]) -> None:

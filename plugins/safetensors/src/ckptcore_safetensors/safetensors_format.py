@@ -12,11 +12,13 @@ Layout of a save (the core hands ``write`` the format's own directory, one per p
   are stored as raw bytes: dtype ``U8`` with a trailing dimension of the item size. The
   true dtype is in ckptcore's index; the leaf's info says ``"raw": true``.
 
-Read: every header is parsed and validated first; then each region is read straight
-into its (64-byte aligned) result array with parallel ``preadv`` (neighbouring ranges
-merged into one call), or, for a region whose rows are short runs in the file, row block
-by row block into a bounded buffer and copied. On object stores the same ranges become
-coalesced ranged GETs.
+Read: every header is parsed and validated first. On local disk a region that is a
+whole stored tensor of at least 1 MiB is restored as a copy-on-write mapping of the file's
+pages, filled in parallel (no copy, no fresh memory: see ``fileio``). Any other region is
+read straight into its (64-byte aligned) result array with parallel ``preadv``
+(neighbouring ranges merged into one call), or, for a region whose rows are short runs in
+the file, row block by row block into a bounded buffer and copied. On object stores the
+same ranges become coalesced ranged GETs.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeGuard
 
@@ -49,6 +51,7 @@ DIRECT_RUN_BYTES = 64 << 10  # contiguous runs at least this long are read strai
 ROW_BLOCK_BYTES = 8 << 20  # otherwise rows are read in blocks of this size and copied
 ARENA_ITEM_BYTES = 64 << 10  # results up to this size share arenas of ARENA_BYTES
 ARENA_BYTES = 4 << 20
+MAP_MIN_BYTES = 1 << 20  # local tensors at least this large are mapped, not copied (fileio); smaller ones share arenas
 FORMAT_METADATA = {"format": "pt", "writer": "ckptcore-safetensors"}  # "pt": what HF loaders expect
 
 # A plain file name inside the directory: no separators, no "..", no control characters,
@@ -169,7 +172,7 @@ class SafetensorsFormat:
             checked = [_checked_info(r, reader) for r in requests]
             names = sorted({f for info in checked for f, _, _ in info})
             headers = _read_headers(reader, names, threads if local is not None else max(threads, REMOTE_HEADER_THREADS))
-            plan = _ReadPlan()
+            plan = _ReadPlan(reader.mapped if local is not None else None)
             outs: list[list[np.ndarray]] = []
             for r, entries in zip(requests, checked, strict=True):
                 outs.append(plan.request(r, entries, headers))
@@ -326,7 +329,8 @@ def _strides(shape: Sequence[int]) -> list[int]:
 class _ReadPlan:
     """Turns (region, stored piece) intersections into file segments that land in the result arrays."""
 
-    def __init__(self) -> None:
+    def __init__(self, mapped: Callable[[str, int, int, int], np.ndarray | None] | None = None) -> None:
+        self.mapped = mapped  # (file, offset, length) -> a mapped view of those bytes, or None (fileio.LocalReader.mapped)
         self.segments: dict[str, list[fileio.ReadSegment]] = {}
         self.blocks: dict[str, list[fileio.ReadBlock]] = {}
         self.arena: np.ndarray | None = None
@@ -350,6 +354,20 @@ class _ReadPlan:
         out = self.arena[start : start + nbytes].view(dtype).reshape(shape)
         return out, self.arena_view[start : start + nbytes]
 
+    def map(self, r: Any, file: str, entry: header.TensorEntry, shape: tuple[int, ...]) -> np.ndarray | None:
+        """The whole stored tensor ``entry`` as a mapped view of its file, or None (too small, unaligned, not local, mapping off).
+
+        A result for JAX's CPU devices must be 64-byte aligned to be adopted as it is (else it
+        is copied, and reading it into an aligned buffer is the cheaper copy); NumPy needs
+        only its items aligned (Hugging Face files align tensors to 8 bytes).
+        """
+        dtype = r.saved_dtype
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self.mapped is None or nbytes < MAP_MIN_BYTES:
+            return None
+        view = self.mapped(file, entry.start, nbytes, ALIGN if r.aligned else dtype.alignment)
+        return None if view is None else view.view(dtype).reshape(shape)
+
     def request(self, r: Any, entries: list[tuple[str, str, tuple[tuple[int, int], ...]]], headers: dict[str, header.Header]) -> list[np.ndarray]:
         saved = r.saved_dtype
         raw = bool(r.info.get("raw"))
@@ -359,6 +377,9 @@ class _ReadPlan:
             file, tensor, _ = entries[0]
             entry = headers[file].tensor(tensor, r.key)
             self._check(headers[file], tensor, entry, r, saved, tuple(shape), raw)
+            view = self.map(r, file, entry, tuple(shape))
+            if view is not None:
+                return [view]
             out, dest = self.alloc(tuple(shape), saved)
             if len(dest):
                 self.segments.setdefault(file, []).append(fileio.ReadSegment(entry.start, len(dest), dest))
@@ -379,6 +400,11 @@ class _ReadPlan:
                 if step != 1 or (s.start is not None and s.start != start) or (s.stop is not None and s.stop != stop):
                     raise CorruptCheckpointError(f"array {r.key!r}: region {region} is not inside its shape {shape}")
                 box.append((start, max(start, stop)))
+            view = next((self.map(r, file, entry, extent) for file, entry, index, extent in stored
+                         if list(index) == box), None)  # a region stored as a tensor of its own
+            if view is not None:
+                outs.append(view)
+                continue
             out, _ = self.alloc(tuple(b - a for a, b in box), saved)
             covered = 0
             for file, entry, index, extent in stored:
