@@ -171,7 +171,13 @@ class ArrayFormat(Protocol):
     def read(
         self, location: Location, requests: Sequence[ReadRequest], options: Mapping[str, Any]
     ) -> list[list[np.ndarray]]:
-        """Read every request; return, per request, one array per region."""
+        """Read every request; return, per request, one array per region.
+
+        The arrays are handed to the user as restored: writable, and sharing no memory with
+        each other or with anything that may still change them. A view of memory the format
+        maps (a copy-on-write mapping of an immutable file, as ckptcore-safetensors returns)
+        qualifies; a buffer the format reuses does not.
+        """
         ...
 
 

@@ -158,3 +158,16 @@ def test_a_resharded_restore_maps_each_stored_shard_onto_its_device(tmp_path):
     for shard in out.addressable_shards:
         np.testing.assert_array_equal(np.asarray(shard.data), host[shard.index])
         assert _mapped_file(shard.data.unsafe_buffer_pointer()) == file  # adopted by the CPU device, not copied
+
+
+def test_a_hugging_face_file_is_mapped_too(tmp_path):
+    from safetensors.numpy import save_file
+
+    weights = {"model.embed.weight": np.random.default_rng(2).standard_normal((512, 1024)).astype(np.float32),
+               "model.norm.bias": np.ones(7, np.float16)}
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    out = ckptcore.restore(tmp_path / "model.safetensors")
+    assert _mapped_file(out["model.embed.weight"].ctypes.data) == os.path.realpath(tmp_path / "model.safetensors")
+    assert _mapped_file(out["model.norm.bias"].ctypes.data) is None  # small: copied
+    for name, array in weights.items():
+        np.testing.assert_array_equal(out[name], array)
