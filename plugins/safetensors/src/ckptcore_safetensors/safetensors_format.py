@@ -48,7 +48,11 @@ DEFAULT_READ_THREADS = min(8, max(1, (os.cpu_count() or 2) // 2))
 REMOTE_HEADER_THREADS = 16  # an object store answers each header request after a round trip: many in flight
 DEFAULT_ALIGN = 4096
 DIRECT_RUN_BYTES = 64 << 10  # contiguous runs at least this long are read straight into the result
-ROW_BLOCK_BYTES = 8 << 20  # otherwise rows are read in blocks of this size and copied
+# Otherwise rows are read in blocks of this size into a reused buffer and copied out while
+# they are still in the CPU's caches: 2 MiB against 8 MiB made the (4, 2) -> (2, 4) restore
+# of bench_safetensors.py 0.75 s against 0.85 s cold and 0.20 s against 0.24 s warm
+# (medians of 9 alternating runs on a 2-core VM, 32 MiB L3).
+ROW_BLOCK_BYTES = 2 << 20
 ARENA_ITEM_BYTES = 64 << 10  # results up to this size share arenas of ARENA_BYTES
 ARENA_BYTES = 4 << 20
 MAP_MIN_BYTES = 1 << 20  # local tensors at least this large are mapped, not copied (fileio); smaller ones share arenas
