@@ -171,3 +171,11 @@ def test_a_hugging_face_file_is_mapped_too(tmp_path):
     assert _mapped_file(out["model.norm.bias"].ctypes.data) is None  # small: copied
     for name, array in weights.items():
         np.testing.assert_array_equal(out[name], array)
+
+
+def test_saving_over_a_mapped_checkpoint_leaves_its_arrays_as_restored(saved):
+    path, state = saved
+    out = ckptcore.restore(path)
+    ckptcore.save(path, {k: v * 2 for k, v in state.items()}, format="safetensors", force=True)
+    np.testing.assert_array_equal(ckptcore.restore(path)["big"], state["big"] * 2)
+    np.testing.assert_array_equal(out["big"], state["big"])  # the old file's pages, never rewritten in place
