@@ -51,8 +51,10 @@ DIRECT_RUN_BYTES = 64 << 10  # contiguous runs at least this long are read strai
 # Otherwise rows are read in blocks of this size into a reused buffer and copied out while
 # they are still in the CPU's caches: 2 MiB against 8 MiB made the (4, 2) -> (2, 4) restore
 # of bench_safetensors.py 0.75 s against 0.85 s cold and 0.20 s against 0.24 s warm
-# (medians of 9 alternating runs on a 2-core VM, 32 MiB L3).
+# (medians of 9 alternating runs on a 2-core VM, 32 MiB L3). On object stores a block is
+# one ranged GET, whose round trip costs more than the cache misses: larger blocks there.
 ROW_BLOCK_BYTES = 2 << 20
+REMOTE_ROW_BLOCK_BYTES = 8 << 20
 ARENA_ITEM_BYTES = 64 << 10  # results up to this size share arenas of ARENA_BYTES
 ARENA_BYTES = 4 << 20
 MAP_MIN_BYTES = 1 << 20  # local tensors at least this large are mapped, not copied (fileio); smaller ones share arenas
@@ -176,7 +178,8 @@ class SafetensorsFormat:
             checked = [_checked_info(r, reader) for r in requests]
             names = sorted({f for info in checked for f, _, _ in info})
             headers = _read_headers(reader, names, threads if local is not None else max(threads, REMOTE_HEADER_THREADS))
-            plan = _ReadPlan(reader.mapped if local is not None else None)
+            plan = (_ReadPlan(reader.mapped, ROW_BLOCK_BYTES) if local is not None
+                    else _ReadPlan(None, REMOTE_ROW_BLOCK_BYTES))
             outs: list[list[np.ndarray]] = []
             for r, entries in zip(requests, checked, strict=True):
                 outs.append(plan.request(r, entries, headers))
@@ -333,8 +336,10 @@ def _strides(shape: Sequence[int]) -> list[int]:
 class _ReadPlan:
     """Turns (region, stored piece) intersections into file segments that land in the result arrays."""
 
-    def __init__(self, mapped: Callable[[str, int, int, int], np.ndarray | None] | None = None) -> None:
+    def __init__(self, mapped: Callable[[str, int, int, int], np.ndarray | None] | None = None,
+                 row_block_bytes: int = ROW_BLOCK_BYTES) -> None:
         self.mapped = mapped  # (file, offset, length) -> a mapped view of those bytes, or None (fileio.LocalReader.mapped)
+        self.row_block_bytes = row_block_bytes
         self.segments: dict[str, list[fileio.ReadSegment]] = {}
         self.blocks: dict[str, list[fileio.ReadBlock]] = {}
         self.arena: np.ndarray | None = None
@@ -478,7 +483,7 @@ class _ReadPlan:
         """Row blocks: the rows (dim 0) the short-run pieces of one tensor need, read once each and copied out."""
         for (file, _), (entry, shape, dtype, pieces) in self.row_blocks.items():
             row_bytes = _strides(shape)[0] * dtype.itemsize
-            per_block = max(1, ROW_BLOCK_BYTES // max(1, row_bytes))
+            per_block = max(1, self.row_block_bytes // max(1, row_bytes))
             intervals = sorted((src[0][0], src[0][1]) for src, _, _ in pieces)
             merged: list[list[int]] = []
             for lo, hi in intervals:
