@@ -8,8 +8,9 @@ Run:  python benchmarks/bench_orbax_interop.py [--size-mb 1024] [--repeats 4] [-
 * ``jax``:   the same size as ``jax.Array``s on a (4, 2) mesh of 8 host devices, restored by
   both onto the saved sharding (``ShapeDtypeStruct`` targets), and by ckptcore also onto a
   (2, 4) mesh with the specs swapped (resharding).
-* ``convert``: ``ckptcore.convert`` of the NumPy checkpoint (cold) vs ``cp -r`` of the same
-  directory followed by ``sync`` (cold), alternating.
+* ``convert``: ``ckptcore.convert()`` of the NumPy checkpoint in this process, and the
+  ``ckptcore convert`` command in a process of its own (Python's start included), vs ``cp -r``
+  of the same directory followed by ``sync``; each cold, alternating.
 
 The first repetition is a warm-up and is discarded; medians and ranges of the rest are shown.
 """
@@ -110,11 +111,18 @@ def main() -> None:
     def convert() -> None:
         ckptcore.convert(paths["numpy"], converted)  # durable (fsync'd) and verified when it returns
 
+    def convert_command() -> None:
+        # The `ckptcore convert` command in a process of its own, Python's start included.
+        subprocess.run([sys.executable, "-c", "import sys; from ckptcore.cli.main import main; sys.exit(main())",
+                        "convert", paths["numpy"], converted, "--no-progress"], check=True, stdout=subprocess.DEVNULL)
+
     def copy() -> None:
         subprocess.run(["cp", "-r", paths["numpy"], copied], check=True)
         subprocess.run(["sync"], check=True)
 
-    results: dict[str, list[float]] = {name: [] for name in [*cases, "convert: ckptcore convert", "convert: cp -r + sync"]}
+    pair = [("convert: ckptcore.convert()", convert), ("convert: the ckptcore convert command", convert_command),
+            ("convert: cp -r + sync", copy)]
+    results: dict[str, list[float]] = {name: [] for name in [*cases, *(name for name, _ in pair)]}
     for rep in range(args.repeats):
         order = list(cases.items())
         if rep % 2:
@@ -123,7 +131,6 @@ def main() -> None:
             seconds = timed(fn)
             if rep:
                 results[name].append(seconds)
-        pair = [("convert: ckptcore convert", convert), ("convert: cp -r + sync", copy)]
         for name, fn in pair if rep % 2 == 0 else reversed(pair):
             shutil.rmtree(converted, ignore_errors=True)
             shutil.rmtree(copied, ignore_errors=True)
@@ -148,7 +155,8 @@ def main() -> None:
     for ours, theirs in [("numpy: ckptcore restores orbax's", "numpy: orbax restores its own"),
                          ("jax (4,2): ckptcore restores orbax's", "jax (4,2): orbax restores its own"),
                          ("jax onto (2,4): ckptcore (resharding)", "jax onto (2,4): orbax (resharding)"),
-                         ("convert: ckptcore convert", "convert: cp -r + sync")]:
+                         ("convert: ckptcore.convert()", "convert: cp -r + sync"),
+                         ("convert: the ckptcore convert command", "convert: cp -r + sync")]:
         print(f"- {ours} / {theirs}: speed {ratio(ours, theirs):.2f}x")
 
 

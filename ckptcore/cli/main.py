@@ -58,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in checks.COMMANDS:
             return checks.run(args)
         if args.command == convert.COMMAND:
-            return convert.run(args)
+            # argv None: run from the command line, in a process of its own (not called from a program)
+            return convert.run(args, own_process=argv is None)
         if args.command == "demo":
             from ckptcore.cli.demo import run_demo
 

@@ -1,4 +1,4 @@
-"""Returning freed host memory to the operating system between restore waves.
+"""Host memory and glibc's allocator: returning freed memory between restore waves, or keeping it.
 
 Array formats read through native libraries (TensorStore) whose threads allocate in their
 own malloc arenas; glibc keeps memory freed there for reuse instead of returning it, so
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 from typing import Any
 
@@ -30,3 +31,33 @@ def release_free_memory() -> None:
                 _trim = False
     if _trim:
         _trim(0)
+
+
+KEEP_FREED_MEMORY_ENV = "CKPTCORE_KEEP_FREED_MEMORY"
+# mallopt(3) parameters (glibc's malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed large buffers for reuse, for the rest of this process; whether it took effect.
+
+    By default glibc gives each large buffer a fresh mapping and unmaps it when it is
+    freed, and gives each native thread an arena of its own, so a process that streams
+    batch after batch through TensorStore touches fresh memory for every batch (0.4-1.4 s
+    per GiB on a VM whose host takes freed memory back; ``benchmarks/first_touch.py``).
+    This is a setting of the whole process, for the ``ckptcore convert`` command, which
+    owns its process and exits when done: a library must not change its host's allocator.
+    Call it before any thread allocates (an arena made earlier keeps its own buffers).
+    ``CKPTCORE_KEEP_FREED_MEMORY=0`` in the environment leaves glibc's defaults.
+    """
+    if not sys.platform.startswith("linux") or os.environ.get(KEEP_FREED_MEMORY_ENV, "1").strip() in ("0", "false", "no"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt  # glibc's; musl has none
+        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    except (OSError, AttributeError):
+        return False
+    # One arena; no buffer unmapped on free; the heap trimmed only past 2 GiB of free pages (the int maximum).
+    return all(mallopt(param, value) == 1 for param, value in
+               ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, (1 << 31) - 1)))
