@@ -120,9 +120,9 @@ def main() -> None:
         subprocess.run(["cp", "-r", paths["numpy"], copied], check=True)
         subprocess.run(["sync"], check=True)
 
-    pair = [("convert: ckptcore.convert()", convert), ("convert: the ckptcore convert command", convert_command),
-            ("convert: cp -r + sync", copy)]
-    results: dict[str, list[float]] = {name: [] for name in [*cases, *(name for name, _ in pair)]}
+    conversions = [("convert: ckptcore.convert()", convert), ("convert: the ckptcore convert command", convert_command),
+                   ("convert: cp -r + sync", copy)]
+    results: dict[str, list[float]] = {name: [] for name in [*cases, *(name for name, _ in conversions)]}
     for rep in range(args.repeats):
         order = list(cases.items())
         if rep % 2:
@@ -131,7 +131,7 @@ def main() -> None:
             seconds = timed(fn)
             if rep:
                 results[name].append(seconds)
-        for name, fn in pair if rep % 2 == 0 else reversed(pair):
+        for name, fn in conversions if rep % 2 == 0 else reversed(conversions):
             shutil.rmtree(converted, ignore_errors=True)
             shutil.rmtree(copied, ignore_errors=True)
             drop_page_cache()  # syncs first: nothing of the previous case is left to flush

@@ -14,23 +14,30 @@ import os
 import sys
 from typing import Any
 
-_trim: Any = None
+_GLIBC: Any = None  # glibc, loaded on first use; False where there is none
+
+
+def _glibc() -> Any:
+    """The C library if it is glibc (it has ``malloc_trim`` and ``mallopt``), else None."""
+    global _GLIBC
+    if _GLIBC is None:
+        _GLIBC = False
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int  # absent from musl
+                libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+                _GLIBC = libc
+            except (OSError, AttributeError):
+                pass
+    return _GLIBC or None
 
 
 def release_free_memory() -> None:
     """Give free heap pages back to the OS (glibc only; elsewhere a no-op). Costs about a millisecond."""
-    global _trim
-    if _trim is None:
-        _trim = False
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                _trim = libc.malloc_trim  # absent from musl: AttributeError
-                _trim.argtypes, _trim.restype = [ctypes.c_size_t], ctypes.c_int
-            except (OSError, AttributeError):
-                _trim = False
-    if _trim:
-        _trim(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 KEEP_FREED_MEMORY_ENV = "CKPTCORE_KEEP_FREED_MEMORY"
@@ -50,14 +57,9 @@ def keep_freed_memory() -> bool:
     Call it before any thread allocates (an arena made earlier keeps its own buffers).
     ``CKPTCORE_KEEP_FREED_MEMORY=0`` in the environment leaves glibc's defaults.
     """
-    if not sys.platform.startswith("linux") or os.environ.get(KEEP_FREED_MEMORY_ENV, "1").strip() in ("0", "false", "no"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt  # glibc's; musl has none
-        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None or os.environ.get(KEEP_FREED_MEMORY_ENV, "1").strip() in ("0", "false", "no"):
         return False
     # One arena; no buffer unmapped on free; the heap trimmed only past 2 GiB of free pages (the int maximum).
-    return all(mallopt(param, value) == 1 for param, value in
+    return all(libc.mallopt(param, value) == 1 for param, value in
                ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, (1 << 31) - 1)))

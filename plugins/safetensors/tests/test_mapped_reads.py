@@ -20,7 +20,7 @@ from ckptcore_safetensors import fileio
 import ckptcore
 from ckptcore.errors import CorruptCheckpointError
 
-pytestmark = pytest.mark.skipif(not fileio.mapping_enabled(), reason="mapping needs Linux 5.14+ (MADV_POPULATE_READ); tensors are read there")
+pytestmark = pytest.mark.skipif(not fileio.CAN_POPULATE, reason="mapping needs Linux 5.14+ (MADV_POPULATE_READ); tensors are read there")
 
 BIG = (1024, 512)  # 2 MiB of float32: mapped
 SMALL = (64, 64)  # 16 KiB: copied into an arena

@@ -315,11 +315,11 @@ def _can_populate() -> bool:
         probe.close()
 
 
-_POPULATE = _can_populate()
+CAN_POPULATE = _can_populate()  # this kernel fills mappings up front, so tensors may be mapped
 
 
 def mapping_enabled() -> bool:
-    return _POPULATE and os.environ.get(MAP_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return CAN_POPULATE and os.environ.get(MAP_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _populate(mapping: mmap.mmap, fd: int, start: int, stop: int, path: str) -> None:
